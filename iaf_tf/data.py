@@ -1,0 +1,196 @@
+"""CIFAR-10 and MNIST as uint8 NHWC arrays, and tf.data pipelines over them."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", 60000), "test": ("t10k-images-idx3-ubyte.gz", 10000)}
+SPLITS = ("train", "test")
+
+_CIFAR10_HOWTO = (f"set CIFAR10_PATH to the folder holding cifar-10-batches-py "
+                  f"(download {CIFAR10_URL} and extract it)")
+_MNIST_HOWTO = ("set MNIST_PATH to the folder holding train-images-idx3-ubyte.gz and "
+                "t10k-images-idx3-ubyte.gz (the official MNIST IDX files)")
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def _check_split(split: str):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def find_cifar10_dir(path: str | os.PathLike | None = None) -> Path:
+    given = path if path is not None else os.environ.get("CIFAR10_PATH")
+    if not given:
+        raise DataError(f"no CIFAR-10 location given: {_CIFAR10_HOWTO}")
+    root = Path(given).expanduser().resolve()
+    for candidate in (root, root / "cifar-10-batches-py"):
+        if (candidate / "data_batch_1").is_file():
+            missing = [n for names in CIFAR10_FILES.values() for n in names
+                       if not (candidate / n).is_file()]
+            if missing:
+                raise DataError(f"CIFAR-10 folder {candidate} lacks {', '.join(missing)}; {_CIFAR10_HOWTO}")
+            return candidate
+    raise DataError(f"no CIFAR-10 batches in {root} or {root / 'cifar-10-batches-py'}; {_CIFAR10_HOWTO}")
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    # The batches are pickles; only allow what a numpy array needs, so a bad file cannot run code.
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar10_batch(file: Path) -> np.ndarray:
+    try:
+        with open(file, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # truncation shows up as EOFError, UnpicklingError, ValueError, ...
+        raise DataError(f"cannot read CIFAR-10 batch {file}: {type(e).__name__}: {e}") from e
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (10000, 3072):
+        found = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray)
+                 else "no b'data' array" if data is None else type(data).__name__)
+        raise DataError(f"CIFAR-10 batch {file} is corrupt: expected b'data' uint8 (10000, 3072), found {found}")
+    # Rows are planar R, G, B 32x32 planes.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cifar10_dir(folder: Path, split: str) -> np.ndarray:
+    images = np.concatenate([_read_cifar10_batch(folder / n) for n in CIFAR10_FILES[split]])
+    images.flags.writeable = False  # shared by every caller through the cache
+    return images
+
+
+def _download_cifar10(split: str) -> np.ndarray:
+    import tensorflow_datasets as tfds
+
+    data = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1))
+    images = np.ascontiguousarray(data["image"], dtype=np.uint8)
+    images.flags.writeable = False
+    return images
+
+
+def load_cifar10(split: str, path: str | os.PathLike | None = None,
+                 allow_download: bool = False) -> np.ndarray:
+    """uint8 [N, 32, 32, 3]; train is data_batch_1..5 in order, test the official test_batch order."""
+    _check_split(split)
+    try:
+        folder = find_cifar10_dir(path)
+    except DataError as missing:
+        if not allow_download:
+            raise
+        try:
+            return _download_cifar10(split)
+        except Exception as e:
+            raise missing from e
+    return _load_cifar10_dir(folder, split)
+
+
+# ---------------------------------------------------------------- MNIST
+
+@functools.lru_cache(maxsize=4)
+def _load_mnist_file(file: Path, count: int) -> np.ndarray:
+    try:
+        with gzip.open(file, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read MNIST file {file}: {e}") from e
+    if len(raw) < 16:
+        raise DataError(f"MNIST file {file} is too short for an IDX header")
+    magic, n, rows, cols = np.frombuffer(raw, ">u4", count=4)
+    if magic != 2051 or (n, rows, cols) != (count, 28, 28) or len(raw) != 16 + n * rows * cols:
+        raise DataError(f"MNIST file {file} is corrupt: magic {magic}, header {n}x{rows}x{cols}, "
+                        f"{len(raw) - 16} pixel bytes; expected magic 2051 and {count}x28x28")
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(count, 28, 28, 1)
+    images.flags.writeable = False
+    return images
+
+
+def load_mnist(split: str, path: str | os.PathLike | None = None) -> np.ndarray:
+    """uint8 [N, 28, 28, 1] from the official IDX gz files."""
+    _check_split(split)
+    given = path if path is not None else os.environ.get("MNIST_PATH")
+    if not given:
+        raise DataError(f"no MNIST location given: {_MNIST_HOWTO}")
+    name, count = MNIST_FILES[split]
+    file = Path(given).expanduser().resolve() / name
+    if not file.is_file():
+        raise DataError(f"MNIST file {file} not found; {_MNIST_HOWTO}")
+    return _load_mnist_file(file, count)
+
+
+def load_images(dataset: str, split: str, path: str | os.PathLike | None = None,
+                allow_download: bool = False) -> np.ndarray:
+    """uint8 NHWC with 32x32 spatial size for every dataset."""
+    if dataset == "cifar10":
+        return load_cifar10(split, path, allow_download=allow_download)
+    if dataset == "mnist":
+        # The model's strided layers need 32x32; zero borders keep digits centred.
+        return np.pad(load_mnist(split, path), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10' or 'mnist'")
+
+
+# ---------------------------------------------------------------- tf.data
+
+def _check_batch_size(batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
+                  start_step: int = 0) -> tf.data.Dataset:
+    """Endless uint8 [batch_size, H, W, C] batches, reshuffled every epoch.
+
+    Batch number s is a pure function of (seed, s): epoch e = s // (n // batch_size) visits the images in
+    a stateless permutation keyed by (seed, e), and the last n % batch_size images of each permutation are
+    left out. So a resumed run continues the very same stream from `start_step`, with no iterator state to
+    checkpoint.
+    """
+    _check_batch_size(batch_size)
+    n = len(images)
+    if n < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} images, got {n}")
+    if seed is None:
+        seed = int(np.random.randint(2**31 - 1))
+    pixels = tf.constant(images)
+    steps_per_epoch = n // batch_size
+
+    def batch_at(step):
+        epoch, position = step // steps_per_epoch, step % steps_per_epoch
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.gather(pixels, order[position * batch_size:(position + 1) * batch_size])
+
+    return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+            .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def eval_dataset(images: np.ndarray, batch_size: int, num_images: int | None = None) -> tf.data.Dataset:
+    """One pass over the first num_images images in their given order; the last batch may be short."""
+    _check_batch_size(batch_size)
+    if num_images is not None:
+        if not 1 <= num_images <= len(images):
+            raise ValueError(f"num_images must be in 1..{len(images)}, got {num_images}")
+        images = images[:num_images]
+    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)

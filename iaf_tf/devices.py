@@ -1,0 +1,50 @@
+"""Device setup that has to happen before TensorFlow runs its first op."""
+
+import tensorflow as tf
+
+
+def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0):
+    """Split the host CPU into `num_logical_devices` logical devices (replicas for MirroredStrategy on a
+    machine without GPUs; they share the same cores, so this tests distribution, it does not speed up).
+
+    Idempotent: once TensorFlow is initialized a matching configuration is accepted, a different one
+    raises RuntimeError.
+    """
+    cpus = tf.config.list_physical_devices("CPU")
+    wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(num_logical_devices)]
+    try:
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        if num_logical_devices > 1:
+            tf.config.set_logical_device_configuration(cpus[0], wanted)
+    except RuntimeError:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != num_logical_devices:
+            raise RuntimeError(
+                f"TensorFlow is already initialized with {have} logical CPU device(s); "
+                f"{num_logical_devices} must be configured before the first TensorFlow op") from None
+    return tf.config.list_logical_devices("CPU")
+
+
+def replica_devices(num_gpus, cpu_replicas=0):
+    """Devices for `num_gpus` data-parallel replicas.
+
+    GPUs when present; with `cpu_replicas` > 0, that many logical CPU devices (for tests and debugging).
+    A request for more GPUs than exist is an error, not a silent fallback.
+    """
+    if cpu_replicas:
+        devices = configure_cpu(cpu_replicas)
+        return [d.name for d in devices[:cpu_replicas]]
+    gpus = tf.config.list_logical_devices("GPU")
+    if num_gpus > len(gpus):
+        if not gpus and num_gpus >= 1:
+            if num_gpus == 1:
+                return [tf.config.list_logical_devices("CPU")[0].name]
+            raise ValueError(
+                f"--num_gpus={num_gpus} but this host has no GPU. Use --num_gpus=1 to train on the CPU, or "
+                f"--cpu_replicas={num_gpus} to run {num_gpus} replicas on logical CPU devices (testing only).")
+        raise ValueError(f"--num_gpus={num_gpus} but only {len(gpus)} GPU(s) are visible: "
+                         + ", ".join(d.name for d in gpus))
+    return [d.name for d in gpus[:num_gpus]]

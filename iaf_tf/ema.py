@@ -1,0 +1,71 @@
+"""Exponential moving average of the trainable weights; evaluation uses the averages, as the original.
+
+`tf.train.ExponentialMovingAverage` rejects Keras 3 variables, hence this small module. The update is
+the original's: shadow <- shadow - (1 - decay) * (shadow - weight), constant decay.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+
+class WeightAverages(tf.Module):
+
+    def __init__(self, variables, decay=0.999, name="weight_averages"):
+        super().__init__(name=name)
+        self.decay = decay
+        self._variables = list(variables)
+        # Created under the caller's strategy scope, so they are mirrored like the weights.
+        self.shadows = [tf.Variable(tf.convert_to_tensor(v), trainable=False, name=_short_name(v))
+                        for v in self._variables]
+
+    def shadow_for(self, variable):
+        for shadow, var in zip(self.shadows, self._variables):
+            if var is variable:
+                return shadow
+        raise KeyError(f"no moving average for {getattr(variable, 'path', variable.name)}")
+
+    def reset(self):
+        """Start the averages at the current weights (after the data-dependent init)."""
+        for shadow, var in zip(self.shadows, self._variables):
+            shadow.assign(tf.convert_to_tensor(var))
+
+    def update(self):
+        """Call in cross-replica context (or without a strategy): each device's copy of a shadow moves
+        towards the same device's copy of its weight, so no cross-device traffic."""
+        rate = 1.0 - self.decay
+        for shadow, var in zip(self.shadows, self._variables):
+            for shadow_copy, var_copy in zip(_copies(shadow), _copies(_tf_variable(var))):
+                with tf.device(shadow_copy.device):
+                    shadow_copy.assign_sub(rate * (shadow_copy - tf.cast(var_copy, shadow_copy.dtype)))
+
+    def copy_to_weights(self):
+        for shadow, var in zip(self.shadows, self._variables):
+            var.assign(tf.convert_to_tensor(shadow))
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Temporarily swap the averages into the weights (e.g. to evaluate mid-training)."""
+        saved = [tf.identity(tf.convert_to_tensor(v)) for v in self._variables]
+        self.copy_to_weights()
+        try:
+            yield
+        finally:
+            for value, var in zip(saved, self._variables):
+                var.assign(value)
+
+
+def _copies(variable):
+    """Per-device components of a mirrored variable, or the variable itself."""
+    return list(variable.values) if isinstance(variable, tf.distribute.DistributedValues) else [variable]
+
+
+def _tf_variable(variable):
+    """The tf.Variable (a MirroredVariable under a strategy) behind a Keras 3 variable."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _short_name(variable):
+    path = getattr(variable, "path", None) or variable.name
+    return path.replace(":", "_").replace("/", "_")

@@ -1,0 +1,235 @@
+"""The IAF-VAE of the original's TF1 system (`CVAE1`): a ladder of IAF layers between a 5x5 stride-2
+encoder and decoder, with a discretized-logistic likelihood. NHWC throughout.
+
+Noise comes from stateless RNG ops keyed by an explicit `seed` ([2] int tensor) so that a step, an
+evaluation batch or a sample is reproducible and the same on every replica layout.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from iaf_tf import distributions as dist
+from iaf_tf.layers import ARMultiConv, WNConv2D
+
+# Residual branches and IAF shifts are scaled down by this constant in the original.
+RESIDUAL_SCALE = 0.1
+IAF_SCALE = 0.1
+
+
+def resize_nearest(x, factor):
+    """TF1 resize_nearest_neighbor without half-pixel centres: halving keeps even rows and columns,
+    doubling repeats each pixel."""
+    if factor == 0.5:
+        return x[:, ::2, ::2, :]
+    if factor == 2:
+        return tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+    raise ValueError(f"unsupported resize factor {factor}")
+
+
+def input_to_unit_range(x):
+    """uint8 pixels -> the original's centred inputs, (x + 0.5) / 256 - 0.5."""
+    x = tf.cast(x, tf.float32)
+    return tf.clip_by_value((x + 0.5) / 256.0, 0.0, 1.0) - 0.5
+
+
+def free_bits_kl(kl_cost, kl_min):
+    """Per-image KL objective with the original's free bits: each channel's KL, summed over positions
+    and averaged over the batch, is floored at kl_min; every image is charged the floored total."""
+    if kl_min <= 0:
+        return tf.reduce_sum(kl_cost, axis=[1, 2, 3])
+    per_channel = tf.reduce_mean(tf.reduce_sum(kl_cost, axis=[1, 2]), axis=0)
+    total = tf.reduce_sum(tf.maximum(per_channel, kl_min))
+    return tf.fill([tf.shape(kl_cost)[0]], total)
+
+
+class IAFBlock(keras.layers.Layer):
+    """One stochastic layer: a bottom-up residual block that emits q(z|x) statistics, and a top-down
+    residual block with the prior, the posterior and one IAF step."""
+
+    def __init__(self, hps, downsample, **kwargs):
+        super().__init__(**kwargs)
+        self.hps = hps
+        self.downsample = downsample
+        h, z = hps.h_size, hps.z_size
+        self.posterior = hps.posterior
+        if not self.posterior.startswith("down_"):
+            raise NotImplementedError(f"posterior={self.posterior} is not supported yet; use a down_* posterior")
+        self.flow = self.posterior.split("_", 1)[1]  # diag, iaf1_nl or iaf2_nl
+        stride = (2, 2) if downsample else (1, 1)
+        self.up_conv1 = WNConv2D(2 * z + 2 * h, strides=stride, name="up_conv1")
+        self.up_conv3 = WNConv2D(h, name="up_conv3")
+        self.down_conv1 = WNConv2D(4 * z + 2 * h, name="down_conv1")
+        if self.flow != "diag":
+            self.ar = ARMultiConv(z, [h] * hps.depth_ar, [z, z], use_context=hps.depth_ar > 0,
+                                  name="ar_multiconv2d")
+        if downsample:
+            self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2")
+        else:
+            self.down_conv2 = WNConv2D(h, name="down_conv2")
+
+    def up(self, x, init=False):
+        h, z = self.hps.h_size, self.hps.z_size
+        out = self.up_conv1(tf.nn.elu(x), init=init)
+        qz_mean, qz_logsd, context, hidden = tf.split(out, [z, z, h, h], axis=-1)
+        hidden = self.up_conv3(tf.nn.elu(hidden), init=init)
+        if self.downsample:
+            x = resize_nearest(x, 0.5)
+        return x + RESIDUAL_SCALE * hidden, (qz_mean, qz_logsd, context)
+
+    def down(self, x, up_stats, noise, sample_prior=False, init=False):
+        """Returns (output, per-image KL objective, per-image KL cost); the KLs are None when sampling."""
+        h, z_size = self.hps.h_size, self.hps.z_size
+        out = self.down_conv1(tf.nn.elu(x), init=init)
+        pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = tf.split(
+            out, [z_size] * 4 + [h] * 2, axis=-1)
+
+        kl_obj = kl_cost = None
+        if sample_prior:
+            z = dist.gaussian_sample(pz_mean, pz_logsd, noise)
+        else:
+            qz_mean, qz_logsd, up_context = up_stats
+            post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
+            # The data-dependent init feeds the prior's sample through the posterior path, as the original.
+            z = dist.gaussian_sample(pz_mean if init else post_mean, pz_logsd if init else post_logsd, noise)
+            log_q = dist.gaussian_log_density(z, post_mean, post_logsd)
+            if self.flow != "diag":
+                shift, log_scale = self.ar(z, up_context + down_context, init=init)
+                z = z - IAF_SCALE * shift
+                if self.flow == "iaf2_nl":
+                    log_scale = IAF_SCALE * log_scale
+                    z = z / tf.exp(log_scale)
+                    log_q = log_q + log_scale
+            kl_map = log_q - dist.gaussian_log_density(z, pz_mean, pz_logsd)
+            kl_obj = free_bits_kl(kl_map, self.hps.kl_min)
+            kl_cost = tf.reduce_sum(kl_map, axis=[1, 2, 3])
+
+        hidden = tf.nn.elu(tf.concat([z, h_det], axis=-1))
+        if self.downsample:
+            x = resize_nearest(x, 2)
+        return x + RESIDUAL_SCALE * self.down_conv2(hidden, init=init), kl_obj, kl_cost
+
+    def named_convs(self):
+        convs = {c.name: c for c in (self.up_conv1, self.up_conv3, self.down_conv1, self.down_conv2)}
+        if self.flow != "diag":
+            convs.update({f"{self.ar.name}/{n}": c for n, c in self.ar.named_convs().items()})
+        return convs
+
+
+def image_channels(dataset):
+    return 1 if dataset == "mnist" else 3
+
+
+class CVAE(keras.Model):
+    """The whole model. `call` returns the quantities the original computes, per image of the k-fold
+    repeated batch (each image repeated k times consecutively)."""
+
+    def __init__(self, hps, **kwargs):
+        super().__init__(**kwargs)
+        self.hps = hps
+        self.channels = image_channels(hps.dataset)
+        self.x_enc = WNConv2D(hps.h_size, (5, 5), (2, 2), name="x_enc")
+        self.blocks = []
+        self.block_index = []  # (level, block) of each entry of self.blocks, bottom-up
+        for i, num_blocks in enumerate(hps.level_depths):
+            for j in range(num_blocks):
+                self.blocks.append(IAFBlock(hps, downsample=(i > 0 and j == 0), name=f"IAF_{i}_{j}"))
+                self.block_index.append((i, j))
+        self.x_dec = WNConv2D(self.channels, (5, 5), (2, 2), transpose=True, name="x_dec")
+        self.h_top = self.add_weight(name="h_top", shape=[hps.h_size], initializer="zeros", aggregation="mean")
+        self.dec_log_stdv = self.add_weight(name="dec_log_stdv", shape=[], initializer="zeros",
+                                            aggregation="mean")
+        self.top_size = hps.image_size // 2 ** len(hps.level_depths)
+
+    def build(self, input_shape=None):
+        # Variables are created by the first call (see build_for); nothing to do from a shape alone.
+        self.built = True
+
+    @property
+    def num_dims(self):
+        return self.channels * self.hps.image_size ** 2
+
+    def _noise(self, seed, index, shape, temperature=1.0):
+        noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
+        return noise if temperature == 1.0 else noise * temperature
+
+    def _top(self, n):
+        h_top = tf.reshape(tf.convert_to_tensor(self.h_top), [1, 1, 1, -1])
+        return tf.tile(h_top, [n, self.top_size, self.top_size, 1])
+
+    def _decode(self, h, init=False):
+        mean = self.x_dec(tf.nn.elu(h), init=init)
+        return tf.clip_by_value(mean, -0.5 + 1 / 512.0, 0.5 - 1 / 512.0)
+
+    def call(self, images, seed, k=1, init=False):
+        x = input_to_unit_range(images)
+        if k > 1:
+            x = tf.repeat(x, k, axis=0)
+        n = tf.shape(x)[0]
+
+        h = self.x_enc(x, init=init)
+        up_stats = []
+        for block in self.blocks:
+            h, stats = block.up(h, init=init)
+            up_stats.append(stats)
+
+        h = self._top(n)
+        kl_obj_layers, kl_cost_layers = [], []
+        for index in reversed(range(len(self.blocks))):
+            block, stats = self.blocks[index], up_stats[index]
+            noise = self._noise(seed, index, tf.shape(stats[0]))
+            h, kl_obj, kl_cost = block.down(h, stats, noise, init=init)
+            kl_obj_layers.insert(0, kl_obj)
+            kl_cost_layers.insert(0, kl_cost)
+
+        mean = self._decode(h, init=init)
+        log_pxz = dist.discretized_logistic_log_prob(mean, self.dec_log_stdv, x)
+        kl_obj, kl_cost = tf.add_n(kl_obj_layers), tf.add_n(kl_cost_layers)
+        return {
+            "mean": mean,
+            "log_pxz": log_pxz,
+            "kl_obj": kl_obj,
+            "kl_cost": kl_cost,
+            "kl_obj_layers": kl_obj_layers,
+            "kl_cost_layers": kl_cost_layers,
+            # The training objective of the original: summed over this batch.
+            "objective": tf.reduce_sum(kl_obj - log_pxz),
+            "nll": dist.importance_sampled_nll(log_pxz, kl_cost, k),
+        }
+
+    def initialize(self, images, seed):
+        """Data-dependent initialization on one batch (the original's `init` model)."""
+        self(images, seed, init=True)
+
+    def sample(self, num_images, seed, temperature=1.0):
+        """Decoder means for z drawn from the prior, in [-0.5, 0.5]."""
+        h = self._top(num_images)
+        for index in reversed(range(len(self.blocks))):
+            block = self.blocks[index]
+            size = self.hps.image_size // 2 ** (self.block_index[index][0] + 1)
+            noise = self._noise(seed, index, [num_images, size, size, self.hps.z_size], temperature)
+            h, _, _ = block.down(h, None, noise, sample_prior=True)
+        return self._decode(h)
+
+    def build_for(self, batch_size=1):
+        """Create every variable (Keras 3 can only restore into built models)."""
+        images = tf.zeros([batch_size, self.hps.image_size, self.hps.image_size, self.channels], tf.uint8)
+        self(images, tf.constant([0, 0], tf.int32))
+        return self
+
+    def named_convs(self):
+        """Every weight-normed conv under the original's variable-scope name."""
+        convs = {"x_enc": self.x_enc, "x_dec": self.x_dec}
+        for block in self.blocks:
+            convs.update({f"{block.name}/{n}": c for n, c in block.named_convs().items()})
+        return convs
+
+
+def count_trainable_parameters(model):
+    return int(sum(math.prod(v.shape) for v in model.trainable_variables))
+
+
+def to_uint8_images(mean):
+    """Decoder means in [-0.5, 0.5] -> uint8 pixels (the bin whose centre is nearest)."""
+    return tf.cast(tf.clip_by_value(tf.round((mean + 0.5) * 256.0 - 0.5), 0, 255), tf.uint8)
