@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from iaf_tf import data, hparams, train  # noqa: E402
-from iaf_tf.evaluate import Evaluator  # noqa: E402
+from iaf_tf.likelihood import Evaluator  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "tf1-small" / "expected.json"
 
