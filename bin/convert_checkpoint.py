@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
-from iaf_tf import convert, hparams, tf1_checkpoint  # noqa: E402
+from iaf_tf import checkpoints, convert, hparams  # noqa: E402
 
 flags.DEFINE_string("tf1_checkpoint", None, "TF1 checkpoint: a directory or a prefix like model.ckpt-3000.")
 flags.DEFINE_string("logdir", None, "Where to write <logdir>/train/ckpt-<step>.")
@@ -29,7 +29,7 @@ def main(argv):
     try:
         hps = hparams.resolve_hparams(F.preset or None, F.hpconfig) if (F.preset or F.hpconfig) else None
         path, hps = convert.convert(F.tf1_checkpoint, F.logdir, hps)
-    except (hparams.HParamsError, tf1_checkpoint.CheckpointError) as e:
+    except (hparams.HParamsError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -24,6 +24,15 @@ flags.DEFINE_integer("summary_every", 20, "Steps between TensorBoard summaries a
 flags.DEFINE_integer("seed", 0, "Seed for initialization, data order and noise.")
 flags.DEFINE_string("data_dir", None, "Dataset folder (default: $CIFAR10_PATH or $MNIST_PATH).")
 flags.DEFINE_integer("threads", 0, "Intra-op threads (0 = TensorFlow's default).")
+# Evaluation and sampling (--mode eval_test|eval_train|sample); k comes from --hpconfig, as the original.
+flags.DEFINE_string("checkpoint", None, "Evaluate/sample this checkpoint (a native or original TF1 one: a "
+                    "prefix or a folder) instead of watching <logdir>/train.")
+flags.DEFINE_bool("once", False, "Evaluate the latest checkpoint once and exit, instead of watching.")
+flags.DEFINE_integer("num_images", 0, "Evaluate only the first N images of the split (0 = all).")
+flags.DEFINE_float("poll_seconds", 60, "How often to look for a new checkpoint when watching.")
+flags.DEFINE_float("wait_seconds", 0, "Stop watching after this long without a new checkpoint (0 = never).")
+flags.DEFINE_integer("num_samples", 64, "--mode sample: how many samples.")
+flags.DEFINE_float("temperature", 1.0, "--mode sample: scale of the prior noise.")
 
 if __name__ == "__main__":
     app.run(lambda argv: cli.main(argv, flags.FLAGS))

@@ -2,10 +2,10 @@
 
 import sys
 
-from iaf_tf import data, hparams, tf1_checkpoint
+from iaf_tf import checkpoints, data, hparams
 from iaf_tf.devices import configure_cpu
 
-MODES = ["train"]
+MODES = ["train", "eval_test", "eval_train", "sample"]
 
 
 def resolve_flags_hparams(flag_values):
@@ -28,10 +28,23 @@ def _run(flag_values):
             checkpoint_every=flag_values.checkpoint_every, summary_every=flag_values.summary_every,
             seed=flag_values.seed, cpu_replicas=flag_values.cpu_replicas, data_dir=flag_values.data_dir)
         train.train(hps, config)
+        return 0
+    from iaf_tf import evaluate
+
+    config = evaluate.EvalConfig(
+        logdir=flag_values.logdir, mode=flag_values.mode, checkpoint=flag_values.checkpoint,
+        once=flag_values.once, num_images=flag_values.num_images, seed=flag_values.seed,
+        data_dir=flag_values.data_dir, poll_seconds=flag_values.poll_seconds,
+        wait_seconds=flag_values.wait_seconds, num_samples=flag_values.num_samples,
+        temperature=flag_values.temperature, progress=sys.stderr.isatty())
+    if flag_values.mode == "sample":
+        evaluate.run_sample(hps, config)
+    else:
+        evaluate.run_eval(hps, config)
     return 0
 
 
-USER_ERRORS = (hparams.HParamsError, data.DataError, tf1_checkpoint.CheckpointError, ValueError)
+USER_ERRORS = (hparams.HParamsError, data.DataError, checkpoints.CheckpointError, ValueError)
 
 
 def main(argv, flag_values):

@@ -15,45 +15,51 @@ class WeightAverages(tf.Module):
     def __init__(self, variables, decay=0.999, name="weight_averages"):
         super().__init__(name=name)
         self.decay = decay
-        self._variables = list(variables)
+        # Not tracked: the weights belong to the model in checkpoints; this only points at them.
+        self._weights = _Untracked(variables)
         # Created under the caller's strategy scope, so they are mirrored like the weights.
         self.shadows = [tf.Variable(tf.convert_to_tensor(v), trainable=False, name=_short_name(v))
-                        for v in self._variables]
+                        for v in self._weights.items]
 
     def shadow_for(self, variable):
-        for shadow, var in zip(self.shadows, self._variables):
+        for shadow, var in zip(self.shadows, self._weights.items):
             if var is variable:
                 return shadow
         raise KeyError(f"no moving average for {getattr(variable, 'path', variable.name)}")
 
     def reset(self):
         """Start the averages at the current weights (after the data-dependent init)."""
-        for shadow, var in zip(self.shadows, self._variables):
+        for shadow, var in zip(self.shadows, self._weights.items):
             shadow.assign(tf.convert_to_tensor(var))
 
     def update(self):
         """Call in cross-replica context (or without a strategy): each device's copy of a shadow moves
         towards the same device's copy of its weight, so no cross-device traffic."""
         rate = 1.0 - self.decay
-        for shadow, var in zip(self.shadows, self._variables):
+        for shadow, var in zip(self.shadows, self._weights.items):
             for shadow_copy, var_copy in zip(_copies(shadow), _copies(_tf_variable(var))):
                 with tf.device(shadow_copy.device):
                     shadow_copy.assign_sub(rate * (shadow_copy - tf.cast(var_copy, shadow_copy.dtype)))
 
     def copy_to_weights(self):
-        for shadow, var in zip(self.shadows, self._variables):
+        for shadow, var in zip(self.shadows, self._weights.items):
             var.assign(tf.convert_to_tensor(shadow))
 
     @contextlib.contextmanager
     def averaged_weights(self):
         """Temporarily swap the averages into the weights (e.g. to evaluate mid-training)."""
-        saved = [tf.identity(tf.convert_to_tensor(v)) for v in self._variables]
+        saved = [tf.identity(tf.convert_to_tensor(v)) for v in self._weights.items]
         self.copy_to_weights()
         try:
             yield
         finally:
-            for value, var in zip(saved, self._variables):
+            for value, var in zip(saved, self._weights.items):
                 var.assign(value)
+
+
+class _Untracked:
+    def __init__(self, items):
+        self.items = list(items)
 
 
 def _copies(variable):

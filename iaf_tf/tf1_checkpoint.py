@@ -14,12 +14,10 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from iaf_tf.checkpoints import CheckpointError, named_variables
+
 _PREFIX = "model/"
 _BLOCK = re.compile(r"^IAF_(\d+)_(\d+)/")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 @dataclasses.dataclass
@@ -94,15 +92,6 @@ def read_tf1_checkpoint(path):
                          slots["Adamax_1"], global_step)
 
 
-def model_variables_by_tf1_name(model):
-    """The model's variables under their names in the original's checkpoints."""
-    variables = {"h_top": model.h_top, "dec_log_stdv": model.dec_log_stdv}
-    for scope, conv in model.named_convs().items():
-        for var in ("V", "g", "b"):
-            variables[f"{scope}/{var}"] = getattr(conv, var)
-    return variables
-
-
 def check_compatible(ckpt, hps):
     """Raise CheckpointError naming each hyper-parameter the checkpoint contradicts."""
     arch = ckpt.architecture()
@@ -121,7 +110,7 @@ def load_into_model(model, ckpt, weights="ema"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     check_compatible(ckpt, model.hps)
     source = ckpt.ema if weights == "ema" else ckpt.weights
-    variables = model_variables_by_tf1_name(model)
+    variables = named_variables(model)
     missing = sorted(set(variables) - set(source))
     if missing:
         raise CheckpointError(f"{ckpt.path}: no {weights} values for {missing[:8]}")
@@ -134,3 +123,6 @@ def load_into_model(model, ckpt, weights="ema"):
             raise CheckpointError(f"{ckpt.path}: {name} has shape {value.shape}, the model expects {tuple(var.shape)}")
         var.assign(value)
     return variables
+
+
+model_variables_by_tf1_name = named_variables  # TEMPORARY alias while tests migrate

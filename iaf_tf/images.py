@@ -1,0 +1,37 @@
+"""Image grids and PNG files for samples and reconstructions."""
+
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+
+def tile(images, columns=None, border=1, border_value=0):
+    """uint8 [N, H, W, C] -> one [rows*(H+border)-border, cols*(W+border)-border, C] grid (row-major)."""
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected images [N, H, W, C], got shape {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full([rows * (h + border) - border, columns * (w + border) - border, c], border_value, images.dtype)
+    for index, image in enumerate(images):
+        y, x = divmod(index, columns)
+        grid[y * (h + border):y * (h + border) + h, x * (w + border):x * (w + border) + w] = image
+    return grid
+
+
+def interleave(first, second):
+    """[a0, b0, a1, b1, ...]: inputs beside their reconstructions."""
+    out = np.empty((2 * len(first),) + first.shape[1:], first.dtype)
+    out[0::2], out[1::2] = first, second
+    return out
+
+
+def write_png(path, image):
+    """Write a uint8 [H, W, C] image (C = 1 or 3) atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    tf.io.write_file(tmp, tf.io.encode_png(np.asarray(image, np.uint8)))
+    os.replace(tmp, path)
