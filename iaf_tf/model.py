@@ -46,7 +46,24 @@ def free_bits_kl(kl_cost, kl_min):
 
 class IAFBlock(keras.layers.Layer):
     """One stochastic layer: a bottom-up residual block that emits q(z|x) statistics, and a top-down
-    residual block with the prior, the posterior and one IAF step."""
+    residual block with the prior and (for `down_*` posteriors) the posterior and its IAF step.
+
+    `hps.posterior` is `<where>_<flow>` as in the original's Theano system:
+
+    - `down_*` (the TF1 model): q is the Gaussian with the sum of the bottom-up and top-down parameters,
+      sampled in the top-down pass; the IAF network's context is the sum of a bottom-up and a top-down
+      context.
+    - `up_*`: z is drawn in the bottom-up pass from the bottom-up parameters alone, the IAF step runs
+      there with only the bottom-up context, and z is fed upward beside the deterministic features (the
+      input of `up_conv3` is [z, hidden]); the top-down pass only scores that z under the prior.
+    - flow `diag`: no IAF; `iaf1_nl`: a mean-only step z - 0.1 m (volume-preserving); `iaf2_nl`:
+      (z - 0.1 m) / exp(0.1 s) with log q += 0.1 s.
+
+    Channels that would go unused get no weights: the contexts when there is no IAF network reading
+    them (diag, or depth_ar = 0), the top-down posterior parameters for `up_*`, and the log-scale head
+    for `iaf1_nl` (as the Theano code). Unlike the Theano code, every variant keeps the TF1 path's
+    choices: ELU nonlinearities, the TF1 channel layouts and the TF1 data-dependent init.
+    """
 
     def __init__(self, hps, downsample, **kwargs):
         super().__init__(**kwargs)
@@ -54,53 +71,77 @@ class IAFBlock(keras.layers.Layer):
         self.downsample = downsample
         h, z = hps.h_size, hps.z_size
         self.posterior = hps.posterior
-        if not self.posterior.startswith("down_"):
-            raise NotImplementedError(f"posterior={self.posterior} is not supported yet; use a down_* posterior")
-        self.flow = self.posterior.split("_", 1)[1]  # diag, iaf1_nl or iaf2_nl
+        where, self.flow = self.posterior.split("_", 1)  # flow: diag, iaf1_nl or iaf2_nl
+        self.bottom_up = where == "up"
+        self.context_size = h if self.flow != "diag" and hps.depth_ar > 0 else 0
         stride = (2, 2) if downsample else (1, 1)
-        self.up_conv1 = WNConv2D(2 * z + 2 * h, strides=stride, name="up_conv1")
+        self.up_conv1 = WNConv2D(2 * z + self.context_size + h, strides=stride, name="up_conv1")
         self.up_conv3 = WNConv2D(h, name="up_conv3")
-        self.down_conv1 = WNConv2D(4 * z + 2 * h, name="down_conv1")
+        posterior_size = 0 if self.bottom_up else 2 * z + self.context_size
+        self.down_conv1 = WNConv2D(2 * z + posterior_size + h, name="down_conv1")
         if self.flow != "diag":
-            self.ar = ARMultiConv(z, [h] * hps.depth_ar, [z, z], use_context=hps.depth_ar > 0,
+            heads = [z, z] if self.flow == "iaf2_nl" else [z]
+            self.ar = ARMultiConv(z, [h] * hps.depth_ar, heads, use_context=self.context_size > 0,
                                   name="ar_multiconv2d")
         if downsample:
             self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2")
         else:
             self.down_conv2 = WNConv2D(h, name="down_conv2")
 
-    def up(self, x, init=False):
-        h, z = self.hps.h_size, self.hps.z_size
+    def iaf(self, z, log_q, context, init=False):
+        """The IAF step on a posterior sample: returns (z, log q(z)) after it (unchanged for diag)."""
+        if self.flow == "diag":
+            return z, log_q
+        heads = self.ar(z, context, init=init)
+        z = z - IAF_SCALE * heads[0]
+        if self.flow == "iaf2_nl":
+            log_scale = IAF_SCALE * heads[1]
+            z = z / tf.exp(log_scale)
+            log_q = log_q + log_scale
+        return z, log_q
+
+    def up(self, x, noise=None, init=False):
+        """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
+        (z, log q(z)) for up_* ones, which need `noise`."""
+        h, z_size = self.hps.h_size, self.hps.z_size
         out = self.up_conv1(tf.nn.elu(x), init=init)
-        qz_mean, qz_logsd, context, hidden = tf.split(out, [z, z, h, h], axis=-1)
+        qz_mean, qz_logsd, context, hidden = tf.split(out, [z_size, z_size, self.context_size, h], axis=-1)
+        if self.bottom_up:
+            z = dist.gaussian_sample(qz_mean, qz_logsd, noise)
+            log_q = dist.gaussian_log_density(z, qz_mean, qz_logsd)
+            z, log_q = self.iaf(z, log_q, context, init=init)
+            stats = (z, log_q)
+            hidden = tf.concat([z, hidden], axis=-1)
+        else:
+            stats = (qz_mean, qz_logsd, context)
         hidden = self.up_conv3(tf.nn.elu(hidden), init=init)
         if self.downsample:
             x = resize_nearest(x, 0.5)
-        return x + RESIDUAL_SCALE * hidden, (qz_mean, qz_logsd, context)
+        return x + RESIDUAL_SCALE * hidden, stats
 
     def down(self, x, up_stats, noise, sample_prior=False, init=False):
         """Returns (output, per-image KL objective, per-image KL cost); the KLs are None when sampling."""
         h, z_size = self.hps.h_size, self.hps.z_size
         out = self.down_conv1(tf.nn.elu(x), init=init)
-        pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = tf.split(
-            out, [z_size] * 4 + [h] * 2, axis=-1)
+        if self.bottom_up:
+            pz_mean, pz_logsd, h_det = tf.split(out, [z_size, z_size, h], axis=-1)
+        else:
+            pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = tf.split(
+                out, [z_size] * 4 + [self.context_size, h], axis=-1)
 
         kl_obj = kl_cost = None
         if sample_prior:
             z = dist.gaussian_sample(pz_mean, pz_logsd, noise)
         else:
-            qz_mean, qz_logsd, up_context = up_stats
-            post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
-            # The data-dependent init feeds the prior's sample through the posterior path, as the original.
-            z = dist.gaussian_sample(pz_mean if init else post_mean, pz_logsd if init else post_logsd, noise)
-            log_q = dist.gaussian_log_density(z, post_mean, post_logsd)
-            if self.flow != "diag":
-                shift, log_scale = self.ar(z, up_context + down_context, init=init)
-                z = z - IAF_SCALE * shift
-                if self.flow == "iaf2_nl":
-                    log_scale = IAF_SCALE * log_scale
-                    z = z / tf.exp(log_scale)
-                    log_q = log_q + log_scale
+            if self.bottom_up:
+                z, log_q = up_stats
+            else:
+                qz_mean, qz_logsd, up_context = up_stats
+                post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
+                # The data-dependent init feeds the prior's sample through the posterior path, as the original.
+                z = dist.gaussian_sample(pz_mean if init else post_mean, pz_logsd if init else post_logsd, noise)
+                log_q = dist.gaussian_log_density(z, post_mean, post_logsd)
+                z, log_q = self.iaf(z, log_q, up_context + down_context, init=init)
             kl_map = log_q - dist.gaussian_log_density(z, pz_mean, pz_logsd)
             kl_obj = free_bits_kl(kl_map, self.hps.kl_min)
             kl_cost = tf.reduce_sum(kl_map, axis=[1, 2, 3])
@@ -138,6 +179,7 @@ class CVAE(keras.Model):
                 self.block_index.append((i, j))
         self.x_dec = WNConv2D(self.channels, (5, 5), (2, 2), transpose=True, name="x_dec")
         self.h_top = self.add_weight(name="h_top", shape=[hps.h_size], initializer="zeros", aggregation="mean")
+        self.bernoulli = hps.dataset == "mnist"  # the likelihood of binary images (not built yet)
         self.dec_log_stdv = self.add_weight(name="dec_log_stdv", shape=[], initializer="zeros",
                                             aggregation="mean")
         self.top_size = hps.image_size // 2 ** len(hps.level_depths)
@@ -170,15 +212,16 @@ class CVAE(keras.Model):
 
         h = self.x_enc(x, init=init)
         up_stats = []
-        for block in self.blocks:
-            h, stats = block.up(h, init=init)
+        for index, block in enumerate(self.blocks):
+            noise = self._noise(seed, index, self._z_shape(n, index)) if block.bottom_up else None
+            h, stats = block.up(h, noise, init=init)
             up_stats.append(stats)
 
         h = self._top(n)
         kl_obj_layers, kl_cost_layers = [], []
         for index in reversed(range(len(self.blocks))):
             block, stats = self.blocks[index], up_stats[index]
-            noise = self._noise(seed, index, tf.shape(stats[0]))
+            noise = None if block.bottom_up else self._noise(seed, index, tf.shape(stats[0]))
             h, kl_obj, kl_cost = block.down(h, stats, noise, init=init)
             kl_obj_layers.insert(0, kl_obj)
             kl_cost_layers.insert(0, kl_cost)
@@ -202,13 +245,16 @@ class CVAE(keras.Model):
         """Data-dependent initialization on one batch (the original's `init` model)."""
         self(images, seed, init=True)
 
+    def _z_shape(self, n, index):
+        size = self.hps.image_size // 2 ** (self.block_index[index][0] + 1)
+        return [n, size, size, self.hps.z_size]
+
     def sample(self, num_images, seed, temperature=1.0):
         """Decoder means for z drawn from the prior, in [-0.5, 0.5]."""
         h = self._top(num_images)
         for index in reversed(range(len(self.blocks))):
             block = self.blocks[index]
-            size = self.hps.image_size // 2 ** (self.block_index[index][0] + 1)
-            noise = self._noise(seed, index, [num_images, size, size, self.hps.z_size], temperature)
+            noise = self._noise(seed, index, self._z_shape(num_images, index), temperature)
             h, _, _ = block.down(h, None, noise, sample_prior=True)
         return self._decode(h)
 
