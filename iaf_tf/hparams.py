@@ -38,11 +38,14 @@ class HParams:
     dataset: str = "cifar10"
     image_size: int = 32
     ema_decay: float = 0.999
+    # The Theano system's options (the defaults are the TF1 model): where q(z|x) is sampled and which
+    # IAF step follows it (see model.IAFBlock), and how many hidden masked layers the IAF network has.
     posterior: str = "down_iaf2_nl"
     depth_ar: int = 2
-    # Per-level block counts joined by "-", because "," already separates hpconfig entries.
+    # Per-level block counts joined by "-", because "," already separates hpconfig entries. When set it
+    # is authoritative and depth / num_blocks are ignored; when empty, depth levels of num_blocks each.
     depths: str = ""
-    prior: str = "diag"
+    prior: str = "diag"  # a diagonal Gaussian (as in Table 3), the only prior ported
     mixed_precision: bool = False
     jit_compile: bool = False
     # Training stops after this many consecutive steps with a non-finite loss or gradient (each is skipped).
