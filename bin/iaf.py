@@ -16,6 +16,8 @@ flags.DEFINE_string("hpconfig", "", "Overrides of the hyper-parameters: key=valu
 flags.DEFINE_string("preset", "", "Named preset from hparams/ (e.g. cpu_quick); --hpconfig overrides it.")
 flags.DEFINE_enum("mode", "train", cli.MODES, "What to run.")
 flags.DEFINE_integer("num_gpus", None, "Data-parallel replicas (GPUs); overrides the num_gpus hparam.")
+flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
+                  "mirrored: replicas on this machine; multi_worker: across the machines in TF_CONFIG.")
 flags.DEFINE_integer("cpu_replicas", 0, "Run --num_gpus replicas on that many logical CPU devices "
                      "(testing and debugging on hosts without GPUs).")
 flags.DEFINE_integer("max_steps", 0, "Stop training at this step (0 = run until stopped, as the original).")

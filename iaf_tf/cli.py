@@ -26,8 +26,13 @@ def _run(flag_values):
         config = train.TrainConfig(
             logdir=flag_values.logdir, max_steps=flag_values.max_steps,
             checkpoint_every=flag_values.checkpoint_every, summary_every=flag_values.summary_every,
-            seed=flag_values.seed, cpu_replicas=flag_values.cpu_replicas, data_dir=flag_values.data_dir)
-        train.train(hps, config)
+            seed=flag_values.seed, cpu_replicas=flag_values.cpu_replicas, data_dir=flag_values.data_dir,
+            strategy=flag_values.strategy)
+        try:
+            train.train(hps, config)
+        except train.NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
         return 0
     from iaf_tf import evaluate
 

@@ -15,6 +15,9 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", 60000), "test": ("t10k-images-idx3-ubyte.gz", 10000)}
 SPLITS = ("train", "test")
+MNIST_SIZE = 28
+# The one binarization of the MNIST test images that likelihoods are reported on.
+MNIST_EVAL_BINARIZATION_SEED = (2016, 0)
 
 _CIFAR10_HOWTO = (f"set CIFAR10_PATH to the folder holding cifar-10-batches-py "
                   f"(download {CIFAR10_URL} and extract it)")
@@ -146,8 +149,27 @@ def load_images(dataset: str, split: str, path: str | os.PathLike | None = None,
         return load_cifar10(split, path, allow_download=allow_download)
     if dataset == "mnist":
         # The model's strided layers need 32x32; zero borders keep digits centred.
-        return np.pad(load_mnist(split, path), ((0, 0), (2, 2), (2, 2), (0, 0)))
+        border = (32 - MNIST_SIZE) // 2
+        return np.pad(load_mnist(split, path), ((0, 0), (border, border), (border, border), (0, 0)))
     raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10' or 'mnist'")
+
+
+def binarize(images, seed):
+    """uint8 0/255 images with each pixel on with probability pixel / 255, drawn statelessly from `seed`
+    (a [2] int tensor). 0/255 images come back unchanged whatever the seed."""
+    images = tf.convert_to_tensor(images)
+    on = tf.random.stateless_uniform(tf.shape(images), seed) < tf.cast(images, tf.float32) / 255.0
+    return tf.cast(on, tf.uint8) * 255
+
+
+def load_eval_images(dataset: str, split: str, path: str | os.PathLike | None = None,
+                     allow_download: bool = False) -> np.ndarray:
+    """The images likelihoods are reported on: `load_images`, and for MNIST one fixed binarization
+    (training binarizes afresh at every step instead)."""
+    images = load_images(dataset, split, path, allow_download=allow_download)
+    if dataset == "mnist":
+        images = binarize(images, tf.constant(MNIST_EVAL_BINARIZATION_SEED, tf.int64)).numpy()
+    return images
 
 
 # ---------------------------------------------------------------- tf.data

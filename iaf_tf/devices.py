@@ -17,8 +17,8 @@ def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0)
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
         if inter_op_threads:
             tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
-        if num_logical_devices > 1:
-            tf.config.set_logical_device_configuration(cpus[0], wanted)
+        # Set even for one device: it is how we learn whether TensorFlow is already initialized.
+        tf.config.set_logical_device_configuration(cpus[0], wanted)
     except RuntimeError:
         have = len(tf.config.list_logical_devices("CPU"))
         if have != num_logical_devices:

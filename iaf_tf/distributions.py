@@ -36,6 +36,12 @@ def discretized_logistic_log_prob(mean, log_scale, sample, bin_size=BIN_SIZE):
     return tf.reduce_sum(tf.math.log(prob + 1e-7), axis=[1, 2, 3])
 
 
+def bernoulli_log_prob(logits, sample):
+    """Per-image log-probability of a 0/1 `sample` under independent Bernoullis with these logits
+    (computed from the logits, so it stays finite where a probability would round to 0 or 1)."""
+    return -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=sample, logits=logits), axis=[1, 2, 3])
+
+
 def importance_sampled_nll(log_pxz, kl_cost, k):
     """-log p(x) bound per image from k samples per image laid out consecutively ([b*k] -> [b]).
 

@@ -10,12 +10,15 @@ import math
 import keras
 import tensorflow as tf
 
+from iaf_tf import data as data_lib
 from iaf_tf import distributions as dist
 from iaf_tf.layers import ARMultiConv, WNConv2D
 
 # Residual branches and IAF shifts are scaled down by this constant in the original.
 RESIDUAL_SCALE = 0.1
 IAF_SCALE = 0.1
+# Fold-in index of MNIST's binarization noise: apart from the blocks' noise streams 0, 1, ...
+BINARIZE_STREAM = 1 << 20
 
 
 def resize_nearest(x, factor):
@@ -164,7 +167,17 @@ def image_channels(dataset):
 
 class CVAE(keras.Model):
     """The whole model. `call` returns the quantities the original computes, per image of the k-fold
-    repeated batch (each image repeated k times consecutively)."""
+    repeated batch (each image repeated k times consecutively).
+
+    With dataset=mnist (the Theano system's `px=bernoulli`) the uint8 grey levels are binarized inside
+    `call` by a Bernoulli draw keyed by `seed` (so every training step sees a fresh binarization; an
+    image that is already 0/255 stays as it is, which is how a fixed evaluation binarization goes
+    through), the decoder's single output channel is a logit map and `log_pxz` is the Bernoulli
+    log-likelihood of the 28x28 digit: unlike the Theano code, the zero border that pads MNIST to
+    32x32 is seen by the encoder but not scored, so the NLL is in nats per MNIST image. The Bernoulli
+    is evaluated from the logits (no clipping of probabilities to [1e-7, 1 - 1e-7] as in Theano);
+    `dec_log_stdv` exists but is unused (it gets no gradient and stays 0).
+    """
 
     def __init__(self, hps, **kwargs):
         super().__init__(**kwargs)
@@ -179,10 +192,12 @@ class CVAE(keras.Model):
                 self.block_index.append((i, j))
         self.x_dec = WNConv2D(self.channels, (5, 5), (2, 2), transpose=True, name="x_dec")
         self.h_top = self.add_weight(name="h_top", shape=[hps.h_size], initializer="zeros", aggregation="mean")
-        self.bernoulli = hps.dataset == "mnist"  # the likelihood of binary images (not built yet)
+        self.bernoulli = hps.dataset == "mnist"
+        # The Bernoulli does not read it, but every model keeps the same set of named variables.
         self.dec_log_stdv = self.add_weight(name="dec_log_stdv", shape=[], initializer="zeros",
                                             aggregation="mean")
         self.top_size = hps.image_size // 2 ** len(hps.level_depths)
+        self.border = (hps.image_size - data_lib.MNIST_SIZE) // 2 if self.bernoulli else 0
 
     def build(self, input_shape=None):
         # Variables are created by the first call (see build_for); nothing to do from a shape alone.
@@ -190,7 +205,8 @@ class CVAE(keras.Model):
 
     @property
     def num_dims(self):
-        return self.channels * self.hps.image_size ** 2
+        """Dimensions that the likelihood scores."""
+        return self.channels * (self.hps.image_size - 2 * self.border) ** 2
 
     def _noise(self, seed, index, shape, temperature=1.0):
         noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
@@ -201,10 +217,25 @@ class CVAE(keras.Model):
         return tf.tile(h_top, [n, self.top_size, self.top_size, 1])
 
     def _decode(self, h, init=False):
-        mean = self.x_dec(tf.nn.elu(h), init=init)
-        return tf.clip_by_value(mean, -0.5 + 1 / 512.0, 0.5 - 1 / 512.0)
+        """(Decoder mean in [-0.5, 0.5], the likelihood's location parameter: the mean itself for the
+        discretized logistic, the logits for the Bernoulli)."""
+        out = self.x_dec(tf.nn.elu(h), init=init)
+        if self.bernoulli:
+            return tf.sigmoid(out) - 0.5, out
+        mean = tf.clip_by_value(out, -0.5 + 1 / 512.0, 0.5 - 1 / 512.0)
+        return mean, mean
+
+    def _log_likelihood(self, location, x):
+        if not self.bernoulli:
+            return dist.discretized_logistic_log_prob(location, self.dec_log_stdv, x)
+        b = self.border
+        size = self.hps.image_size
+        inside = (slice(None), slice(b, size - b), slice(b, size - b))
+        return dist.bernoulli_log_prob(location[inside], tf.cast(x[inside] > 0, tf.float32))
 
     def call(self, images, seed, k=1, init=False):
+        if self.bernoulli:
+            images = data_lib.binarize(images, tf.random.experimental.stateless_fold_in(seed, BINARIZE_STREAM))
         x = input_to_unit_range(images)
         if k > 1:
             x = tf.repeat(x, k, axis=0)
@@ -226,8 +257,8 @@ class CVAE(keras.Model):
             kl_obj_layers.insert(0, kl_obj)
             kl_cost_layers.insert(0, kl_cost)
 
-        mean = self._decode(h, init=init)
-        log_pxz = dist.discretized_logistic_log_prob(mean, self.dec_log_stdv, x)
+        mean, location = self._decode(h, init=init)
+        log_pxz = self._log_likelihood(location, x)
         kl_obj, kl_cost = tf.add_n(kl_obj_layers), tf.add_n(kl_cost_layers)
         return {
             "mean": mean,
@@ -256,7 +287,7 @@ class CVAE(keras.Model):
             block = self.blocks[index]
             noise = self._noise(seed, index, self._z_shape(num_images, index), temperature)
             h, _, _ = block.down(h, None, noise, sample_prior=True)
-        return self._decode(h)
+        return self._decode(h)[0]
 
     def build_for(self, batch_size=1):
         """Create every variable (Keras 3 can only restore into built models)."""

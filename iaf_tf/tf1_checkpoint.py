@@ -123,6 +123,3 @@ def load_into_model(model, ckpt, weights="ema"):
             raise CheckpointError(f"{ckpt.path}: {name} has shape {value.shape}, the model expects {tuple(var.shape)}")
         var.assign(value)
     return variables
-
-
-model_variables_by_tf1_name = named_variables  # TEMPORARY alias while tests migrate

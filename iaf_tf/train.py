@@ -34,6 +34,7 @@ class TrainConfig:
     cpu_replicas: int = 0         # >0: run num_gpus replicas on logical CPU devices (testing)
     data_dir: str | None = None   # CIFAR10_PATH / MNIST_PATH when None
     max_to_keep: int = 5
+    strategy: str = "mirrored"    # or multi_worker (TF_CONFIG)
     print_fn: callable = print
 
 
@@ -41,7 +42,16 @@ class NonFiniteError(RuntimeError):
     """Training met more consecutive non-finite steps than hps.max_skips allows."""
 
 
-def make_strategy(num_replicas, cpu_replicas=0):
+def make_strategy(num_replicas, cpu_replicas=0, kind="mirrored"):
+    """`mirrored`: replicas on this machine. `multi_worker`: the same loop across the machines that
+    TF_CONFIG describes (each with its own GPUs, or its CPU)."""
+    if kind == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy=multi_worker needs TF_CONFIG describing the cluster and this task "
+                             "(see BUILD.md, 'Several machines')")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind != "mirrored":
+        raise ValueError(f"unknown strategy {kind!r}; use mirrored or multi_worker")
     devices = replica_devices(num_replicas, cpu_replicas)
     if len(devices) == 1:
         return tf.distribute.get_strategy()  # the default strategy: no distribution overhead
@@ -123,7 +133,8 @@ class Trainer:
         variables = [v for _, v in pairs]
         grads = self.strategy.extended.batch_reduce_to(
             tf.distribute.ReduceOp.MEAN, [(g, v.value) for g, v in pairs])
-        metrics = self.strategy.reduce(tf.distribute.ReduceOp.MEAN, metrics, axis=None)
+        metrics = {name: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                   for name, value in metrics.items()}
         finite = tf.math.is_finite(metrics["objective"])
         for g in grads:
             finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
@@ -181,37 +192,94 @@ def _write_scalars(writer, metrics, step, images_per_second):
     writer.flush()
 
 
-def train(hps, config):
-    """Train until config.max_steps (or a signal); resumes from the latest checkpoint in logdir/train.
+def check_writable(logdir):
+    """Fail before anything is written if logdir cannot be created or written."""
+    path = os.path.abspath(logdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"logdir {logdir} cannot be created: {path} is a file, not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"logdir {logdir} is not writable ({path} does not allow writing); choose another --logdir")
 
-    Returns a dict with the final step, the last metrics and why it stopped.
+
+def replica_batches(strategy, images, batch_size, seed, start_step):
+    """Per-replica uint8 batches: replica r of step s gets rows [r*B, (r+1)*B) of global batch s, on one
+    machine or several, so the data stream depends only on (seed, step), not on the cluster layout."""
+    num_replicas = strategy.num_replicas_in_sync
+    shape = images.shape[1:]
+
+    def dataset_fn(context):
+        local = num_replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+        stream = data_lib.train_dataset(images, batch_size * num_replicas, seed, start_step)
+        return stream.flat_map(lambda batch: tf.data.Dataset.from_tensor_slices(
+            tf.reshape(batch[first * batch_size:(first + local) * batch_size], [local, batch_size, *shape])))
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    return task_type in (None, "chief") or (task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+class _CheckpointWriter:
+    """Saves on every worker (saving may need all of them), keeps only the chief's copy."""
+
+    def __init__(self, trainer, train_dir, max_to_keep, is_chief):
+        self.train_dir = train_dir
+        self.is_chief = is_chief
+        task_id = getattr(getattr(trainer.strategy, "cluster_resolver", None), "task_id", 0)
+        self._dir = train_dir if is_chief else os.path.join(train_dir, f".worker{task_id}_tmp")
+        self._manager = tf.train.CheckpointManager(trainer.checkpoint, self._dir, max_to_keep=max_to_keep)
+        self.saved_step = None
+
+    @property
+    def latest(self):
+        return tf.train.latest_checkpoint(self.train_dir)
+
+    def save(self, step):
+        self._manager.save(checkpoint_number=step)
+        if not self.is_chief:
+            tf.io.gfile.rmtree(self._dir)
+        self.saved_step = step
+
+
+def train(hps, config, trainer=None):
+    """Train until config.max_steps (or SIGTERM/SIGINT); resumes from the latest checkpoint in logdir/train.
+
+    Everything that can be wrong with the inputs is checked before anything is written. Returns a dict
+    with the final step, the last metrics, how many steps were skipped and why it stopped.
     """
-    strategy = make_strategy(hps.num_gpus, config.cpu_replicas)
+    check_writable(config.logdir)
+    strategy = trainer.strategy if trainer else make_strategy(hps.num_gpus, config.cpu_replicas, config.strategy)
     images = data_lib.load_images(hps.dataset, "train", config.data_dir)
-    trainer = Trainer(hps, strategy, seed=config.seed)
+    data_lib.check_images(images, hps.image_size, hps.dataset)
+    trainer = trainer or Trainer(hps, strategy, seed=config.seed)
     train_dir = os.path.join(config.logdir, "train")
-    os.makedirs(train_dir, exist_ok=True)
-    manager = tf.train.CheckpointManager(trainer.checkpoint, train_dir, max_to_keep=config.max_to_keep)
-    say = config.print_fn
+    is_chief = _is_chief(strategy)
+    saver = _CheckpointWriter(trainer, train_dir, config.max_to_keep, is_chief)
+    say = config.print_fn if is_chief else (lambda *_: None)
 
     say(f"Num trainable variables: {trainer.num_parameters}")
-    if manager.latest_checkpoint:
-        trainer.checkpoint.restore(manager.latest_checkpoint).assert_consumed()
-        say(f"Resumed from {manager.latest_checkpoint} at step {int(trainer.step.numpy())}")
+    if saver.latest:
+        checkpoints.check_shapes(saver.latest, checkpoints.saved_keys(trainer.model))
+        trainer.checkpoint.restore(saver.latest).assert_consumed()
+        say(f"Resumed from {saver.latest} at step {int(trainer.step.numpy())}")
+        saver.saved_step = int(trainer.step.numpy())
     else:
         say("Initializing parameters.")
-        first_batch = next(iter(data_lib.train_dataset(images, hps.batch_size * trainer.num_replicas, config.seed)))
-        trainer.initialize(first_batch.numpy())
-        manager.save(checkpoint_number=0)
+        first = next(iter(data_lib.train_dataset(images, hps.batch_size * trainer.num_replicas, config.seed)))
+        trainer.initialize(first.numpy())
+        saver.save(0)
         say("Initialized!")
-    saved_step = int(trainer.step.numpy())
 
-    start = int(trainer.step.numpy())
-    dataset = data_lib.train_dataset(images, hps.batch_size * trainer.num_replicas, config.seed, start_step=start)
-    batches = iter(strategy.experimental_distribute_dataset(dataset))
-    writer = tf.summary.create_file_writer(train_dir)
+    batches = replica_batches(strategy, images, hps.batch_size, config.seed, int(trainer.step.numpy()))
+    writer = tf.summary.create_file_writer(train_dir) if is_chief else tf.summary.create_noop_writer()
     global_batch = hps.batch_size * trainer.num_replicas
-
     status, metrics, consecutive_skips = "max_steps", {}, 0
     local_step, begin, window_start, window_images = 0, time.time(), time.time(), 0
     with _StopRequest() as stop:
@@ -224,34 +292,34 @@ def train(hps, config):
                 say(f"Iteration {step}: non-finite loss or gradient, update skipped "
                     f"({consecutive_skips} in a row, {int(trainer.skipped.numpy())} in all)")
             if local_step < 10 or step % config.summary_every == 0:
-                values = {k: float(v) for k, v in metrics.items()}
                 say(f"Iteration {step}, time = {time.time() - begin:.2f}s, train bits_per_dim = "
-                    f"{values['bits_per_dim']:.4f}, dec_log_stdv = {values['dec_log_stdv']:.4f}")
+                    f"{float(metrics['bits_per_dim']):.4f}, dec_log_stdv = {float(metrics['dec_log_stdv']):.4f}")
                 begin = time.time()
-            if step % config.summary_every == 0:
+            if step % config.summary_every == 0 or consecutive_skips:
                 elapsed = time.time() - window_start
                 _write_scalars(writer, metrics, step, window_images / elapsed if elapsed > 0 else None)
+                with writer.as_default(step=step):
+                    tf.summary.scalar("train/skipped_steps", trainer.skipped)
                 window_start, window_images = time.time(), 0
             if consecutive_skips >= hps.max_skips:
                 status = "non_finite"
                 break
             if step % config.checkpoint_every == 0:
-                manager.save(checkpoint_number=step)
-                saved_step = step
+                saver.save(step)
             local_step += 1
             if stop.signal is not None:
                 status = f"signal {signal.Signals(stop.signal).name}"
                 break
         final_step = int(trainer.step.numpy())
-        if saved_step != final_step:
-            manager.save(checkpoint_number=final_step)
+        if saver.saved_step != final_step:
+            saver.save(final_step)
     writer.close()
     result = {"step": final_step, "status": status, "metrics": {k: float(v) for k, v in metrics.items()},
               "skipped": int(trainer.skipped.numpy()), "trainer": trainer}
     if status == "non_finite":
         raise NonFiniteError(
             f"stopped at step {final_step}: {consecutive_skips} consecutive steps had a non-finite loss or "
-            f"gradient (hps.max_skips={hps.max_skips}); the last good weights are saved in {train_dir}. "
-            "Try a lower learning_rate or grad_clip>0.")
+            f"gradient (max_skips={hps.max_skips}); the last good weights are saved in {train_dir}. "
+            "Try a lower learning_rate, or grad_clip>0 in --hpconfig.")
     say(f"Stopped at step {final_step} ({status}).")
     return result

@@ -1,0 +1,70 @@
+"""Logical CPU devices and replica placement (conftest configures 2 logical CPUs before any op)."""
+
+import pytest
+import tensorflow as tf
+
+from iaf_tf.devices import configure_cpu, replica_devices
+
+
+@pytest.fixture
+def initialized():
+    """Make sure TensorFlow's runtime is up (as it is after any op), so the device layout is fixed."""
+    tf.constant(1.0) + 1.0
+    return tf.config.list_logical_devices("CPU")
+
+
+@pytest.fixture
+def no_gpu():
+    if tf.config.list_logical_devices("GPU"):
+        pytest.skip("this host has a GPU")
+
+
+def test_configure_cpu_matching_layout_is_accepted(initialized):
+    assert len(initialized) == 2
+    devices = configure_cpu(2)
+    assert len(devices) == 2
+    assert all(d.device_type == "CPU" for d in devices)
+    assert [d.name for d in devices] == [d.name for d in initialized]
+
+
+def test_configure_cpu_after_initialization_raises(initialized):
+    with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
+        configure_cpu(3)
+    with pytest.raises(RuntimeError, match="already initialized with 2 logical CPU"):
+        configure_cpu(4)
+    # Nothing changed.
+    assert len(tf.config.list_logical_devices("CPU")) == 2
+
+
+def test_configure_cpu_one_device_after_two_raises(initialized):
+    # The docstring: "once TensorFlow is initialized ... a different one raises RuntimeError".
+    with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
+        configure_cpu(1)
+
+
+def test_replica_devices_two_gpus_without_gpu_points_to_cpu_replicas(initialized, no_gpu):
+    with pytest.raises(ValueError, match="--cpu_replicas") as info:
+        replica_devices(2)
+    assert "--num_gpus=2" in str(info.value)
+
+
+def test_replica_devices_one_replica_on_cpu(initialized, no_gpu):
+    devices = replica_devices(1)
+    assert len(devices) == 1
+    assert tf.DeviceSpec.from_string(devices[0]).device_type == "CPU"
+    with tf.device(devices[0]):
+        assert "CPU" in tf.constant(1.0).device
+
+
+def test_replica_devices_cpu_replicas(initialized):
+    devices = replica_devices(2, cpu_replicas=2)
+    assert len(devices) == 2 and len(set(devices)) == 2
+    assert all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices)
+    # The names are usable as placements and as MirroredStrategy devices.
+    for name in devices:
+        with tf.device(name):
+            assert tf.constant(1.0).device.endswith(tf.DeviceSpec.from_string(name).to_string().split("/")[-1])
+    strategy = tf.distribute.MirroredStrategy(devices)
+    assert strategy.num_replicas_in_sync == 2
+    with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
+        replica_devices(3, cpu_replicas=3)
