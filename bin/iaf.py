@@ -25,6 +25,8 @@ flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("summary_every", 20, "Steps between TensorBoard summaries and console lines.")
 flags.DEFINE_integer("seed", 0, "Seed for initialization, data order and noise.")
 flags.DEFINE_string("data_dir", None, "Dataset folder (default: $CIFAR10_PATH or $MNIST_PATH).")
+flags.DEFINE_bool("download", os.environ.get("IAF_TF_NO_DOWNLOAD") != "1",
+                  "Where CIFAR-10 is not found, download it with tensorflow-datasets.")
 flags.DEFINE_integer("threads", 0, "Intra-op threads (0 = TensorFlow's default).")
 # Evaluation and sampling (--mode eval_test|eval_train|sample); k comes from --hpconfig, as the original.
 flags.DEFINE_string("checkpoint", None, "Evaluate/sample this checkpoint (a native or original TF1 one: a "

@@ -27,7 +27,7 @@ def _run(flag_values):
             logdir=flag_values.logdir, max_steps=flag_values.max_steps,
             checkpoint_every=flag_values.checkpoint_every, summary_every=flag_values.summary_every,
             seed=flag_values.seed, cpu_replicas=flag_values.cpu_replicas, data_dir=flag_values.data_dir,
-            strategy=flag_values.strategy)
+            strategy=flag_values.strategy, allow_download=flag_values.download)
         try:
             train.train(hps, config)
         except train.NonFiniteError as e:
@@ -39,7 +39,7 @@ def _run(flag_values):
     config = evaluate.EvalConfig(
         logdir=flag_values.logdir, mode=flag_values.mode, checkpoint=flag_values.checkpoint,
         once=flag_values.once, num_images=flag_values.num_images, seed=flag_values.seed,
-        data_dir=flag_values.data_dir, poll_seconds=flag_values.poll_seconds,
+        data_dir=flag_values.data_dir, allow_download=flag_values.download, poll_seconds=flag_values.poll_seconds,
         wait_seconds=flag_values.wait_seconds, num_samples=flag_values.num_samples,
         temperature=flag_values.temperature, progress=sys.stderr.isatty())
     if flag_values.mode == "sample":

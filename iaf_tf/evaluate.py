@@ -30,6 +30,7 @@ class EvalConfig:
     num_images: int = 0             # 0: the whole split
     seed: int = 0
     data_dir: str | None = None
+    allow_download: bool = False
     poll_seconds: float = 60.0
     wait_seconds: float = 0.0       # >0: stop watching after this long without a new checkpoint
     progress: bool = True
@@ -110,7 +111,7 @@ def _write_json(path, result):
 def run_eval(hps, config):
     """Evaluate checkpoints on config.mode's split; returns the list of result dicts."""
     split = config.mode.split("_", 1)[1]
-    split_images = data.load_images(hps.dataset, split, config.data_dir)
+    split_images = data.load_images(hps.dataset, split, config.data_dir, allow_download=config.allow_download)
     if config.num_images:
         split_images = split_images[:config.num_images]
     out_dir = os.path.join(config.logdir, config.mode)

@@ -33,6 +33,7 @@ class TrainConfig:
     seed: int = 0
     cpu_replicas: int = 0         # >0: run num_gpus replicas on logical CPU devices (testing)
     data_dir: str | None = None   # CIFAR10_PATH / MNIST_PATH when None
+    allow_download: bool = False  # fall back to tensorflow-datasets when CIFAR-10 is not found
     max_to_keep: int = 5
     strategy: str = "mirrored"    # or multi_worker (TF_CONFIG)
     print_fn: callable = print
@@ -256,7 +257,7 @@ def train(hps, config, trainer=None):
     """
     check_writable(config.logdir)
     strategy = trainer.strategy if trainer else make_strategy(hps.num_gpus, config.cpu_replicas, config.strategy)
-    images = data_lib.load_images(hps.dataset, "train", config.data_dir)
+    images = data_lib.load_images(hps.dataset, "train", config.data_dir, allow_download=config.allow_download)
     data_lib.check_images(images, hps.image_size, hps.dataset)
     trainer = trainer or Trainer(hps, strategy, seed=config.seed)
     train_dir = os.path.join(config.logdir, "train")

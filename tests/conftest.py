@@ -6,6 +6,7 @@ from pathlib import Path
 # Before TensorFlow runs its first op: quiet logs, two logical CPUs (so MirroredStrategy tests have two
 # replicas) and modest thread pools on the 2-core CI machine.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["IAF_TF_NO_DOWNLOAD"] = "1"  # tests never download (bin/iaf.py subprocesses inherit this)
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
