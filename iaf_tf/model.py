@@ -5,6 +5,7 @@ Noise comes from stateless RNG ops keyed by an explicit `seed` ([2] int tensor) 
 evaluation batch or a sample is reproducible and the same on every replica layout.
 """
 
+import functools
 import math
 
 import keras
@@ -45,6 +46,16 @@ def free_bits_kl(kl_cost, kl_min):
     per_channel = tf.reduce_mean(tf.reduce_sum(kl_cost, axis=[1, 2]), axis=0)
     total = tf.reduce_sum(tf.maximum(per_channel, kl_min))
     return tf.fill([tf.shape(kl_cost)[0]], total)
+
+
+def _in_own_scope(method):
+    """Run a layer method (not __call__) inside the layer's name scope, so that the sublayers it builds
+    get paths like cvae/IAF_0_1/up_conv1/V rather than colliding at cvae/up_conv1/V."""
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        with keras.name_scope(self.name):
+            return method(self, *args, **kwargs)
+    return scoped
 
 
 class IAFBlock(keras.layers.Layer):
@@ -103,6 +114,7 @@ class IAFBlock(keras.layers.Layer):
             log_q = log_q + log_scale
         return z, log_q
 
+    @_in_own_scope
     def up(self, x, noise=None, init=False):
         """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
         (z, log q(z)) for up_* ones, which need `noise`."""
@@ -122,6 +134,7 @@ class IAFBlock(keras.layers.Layer):
             x = resize_nearest(x, 0.5)
         return x + RESIDUAL_SCALE * hidden, stats
 
+    @_in_own_scope
     def down(self, x, up_stats, noise, sample_prior=False, init=False):
         """Returns (output, per-image KL objective, per-image KL cost); the KLs are None when sampling."""
         h, z_size = self.hps.h_size, self.hps.z_size

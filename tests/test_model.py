@@ -231,8 +231,6 @@ def test_gradients_reach_every_weight_but_the_top_up_conv3(tiny_model):
     assert sum(name.startswith(top) for name in grads) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: IAFBlock sublayers are built outside the block's name "
-                                       "scope, so e.g. every block's up_conv1/V has the path model/up_conv1/V")
 def test_variable_paths_are_unique(tiny_model):
     paths = [v.path for v in tiny_model.trainable_variables]
     assert len(set(paths)) == len(paths)
