@@ -84,8 +84,31 @@ def _load_cifar10_dir(folder: Path, split: str) -> np.ndarray:
     return images
 
 
+# Where tensorflow-datasets fetches CIFAR-10 from; looked up first so that a host without a network
+# fails in a second instead of after minutes of retries.
+_CIFAR10_HOST = "www.cs.toronto.edu"
+
+
+def _host_resolves(host: str, timeout: float = 5.0) -> bool:
+    import concurrent.futures
+    import socket
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
+        return True
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _download_cifar10(split: str) -> np.ndarray:
+    if not _host_resolves(_CIFAR10_HOST):
+        raise DataError(f"cannot download CIFAR-10: {_CIFAR10_HOST} is not reachable from here")
     import tensorflow_datasets as tfds
+
+    print(f"CIFAR-10 not found locally; downloading it with tensorflow-datasets ({split} split)")
 
     data = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1))
     images = np.ascontiguousarray(data["image"], dtype=np.uint8)
@@ -105,7 +128,7 @@ def load_cifar10(split: str, path: str | os.PathLike | None = None,
         try:
             return _download_cifar10(split)
         except Exception as e:
-            raise missing from e
+            raise DataError(f"{missing} (the download fallback failed too: {e})") from e
     return _load_cifar10_dir(folder, split)
 
 
@@ -216,3 +239,15 @@ def eval_dataset(images: np.ndarray, batch_size: int, num_images: int | None = N
             raise ValueError(f"num_images must be in 1..{len(images)}, got {num_images}")
         images = images[:num_images]
     return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_images(images, image_size: int, dataset: str = "cifar10") -> None:
+    """Raise DataError unless images are uint8 [N, image_size, image_size, C] with C fitting the dataset."""
+    channels = 1 if dataset == "mnist" else 3
+    expected = (image_size, image_size, channels)
+    if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4 \
+            or tuple(images.shape[1:]) != expected:
+        raise DataError(f"{dataset} images must be uint8 [N, {image_size}, {image_size}, {channels}], got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}"
+                        f"; check image_size in --hpconfig (the {dataset} images here are "
+                        f"{tuple(getattr(images, 'shape', ())[1:3])})")

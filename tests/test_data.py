@@ -1,6 +1,7 @@
 import gzip
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +84,15 @@ def test_cifar10_download_fallback_failure_keeps_data_error(no_data_env, monkeyp
     with pytest.raises(DataError, match="CIFAR10_PATH") as err:
         data.load_cifar10("test", allow_download=True)
     assert isinstance(err.value.__cause__, OSError)
+    assert "download fallback failed too: offline" in str(err.value)
+
+
+def test_cifar10_download_without_a_network_fails_fast(no_data_env, monkeypatch):
+    monkeypatch.setattr(data, "_host_resolves", lambda host, timeout=5.0: False)
+    began = time.time()
+    with pytest.raises(DataError, match="CIFAR10_PATH.*not reachable from here"):
+        data.load_cifar10("test", allow_download=True)
+    assert time.time() - began < 5
 
 
 def test_cifar10_truncated_batch(tmp_path, cifar10_dir):
