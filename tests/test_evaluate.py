@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from iaf_tf import convert, data, evaluate, hparams
 from iaf_tf.likelihood import Evaluator, plan_chunks
+from tests.helpers import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,19 +21,6 @@ def _expected(reference_dir, weights, k, test_images):
     results = json.loads((reference_dir / "expected.json").read_text())["results"]
     return next(r["bits_per_dim"] for r in results
                 if (r["weights"], r["k"], r["test_images"]) == (weights, k, test_images))
-
-
-def _event_values(event_dir):
-    scalars, pictures = {}, {}
-    for path in sorted(Path(event_dir).glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                array = tf.make_ndarray(value.tensor)
-                if value.metadata.plugin_data.plugin_name == "images":
-                    pictures[(value.tag, event.step)] = array
-                else:
-                    scalars[(value.tag, event.step)] = float(array)
-    return scalars, pictures
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +113,7 @@ def test_eval_writes_scalars_pictures_and_json_and_watches_for_new_checkpoints(r
     assert results[0]["bits_per_dim"] == results[1]["bits_per_dim"]  # same weights, same seed
     assert any(line.startswith("Step: 3000 Score: ") for line in lines)
 
-    scalars, pictures = _event_values(tmp_path / "eval_test")
+    scalars, pictures = read_events(tmp_path / "eval_test")
     assert abs(scalars[("eval_bits_per_dim", 3000)] - results[0]["bits_per_dim"]) < 1e-5
     for name in ("reconstructions", "samples"):
         png = tmp_path / "eval_test" / f"{name}-3000.png"

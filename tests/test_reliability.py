@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import data, hparams, train
+from tests.helpers import scalar_series
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "depth=1,num_blocks=1,h_size=8,z_size=4,batch_size=4,num_gpus=1,learning_rate=0.002"
@@ -84,10 +85,7 @@ def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_pa
     assert not np.array_equal(state()[0][0], after[0][0])
 
     # The skip counter is in TensorBoard.
-    skipped = [float(tf.make_ndarray(v.tensor)) for p in sorted((tmp_path / "train").glob("events.*"))
-               for e in tf.compat.v1.train.summary_iterator(str(p)) for v in e.summary.value
-               if v.tag == "train/skipped_steps"]
-    assert max(skipped) == 2
+    assert max(scalar_series(tmp_path / "train", "train/skipped_steps").values()) == 2
 
 
 def test_stops_after_max_skips_consecutive_non_finite_steps_with_a_usable_checkpoint(tmp_path, cifar10_dir):
@@ -227,38 +225,26 @@ def _copy_of_cifar(tmp_path, cifar10_dir):
     return copy
 
 
-def test_truncated_batch_file(tmp_path, cifar10_dir):
+def _truncated(cifar10_dir, name):
+    return (cifar10_dir / name).read_bytes()[:100_000]
+
+
+def _pickled(data_array):
+    return pickle.dumps({b"data": data_array, b"labels": [0] * 10000}, protocol=2)
+
+
+@pytest.mark.parametrize("name, contents", [
+    ("data_batch_3", lambda d: _truncated(d, "data_batch_3")),
+    ("data_batch_2", lambda d: b"\x00garbage" * 1000),                               # corrupt
+    ("data_batch_1", lambda d: _pickled(np.zeros([10000, 1024], np.uint8))),        # wrong shape
+    ("data_batch_4", lambda d: _pickled(np.zeros([10000, 3072], np.float32))),      # wrong dtype
+], ids=["truncated", "corrupt", "wrong_shape", "wrong_dtype"])
+def test_bad_batch_file(name, contents, tmp_path, cifar10_dir):
     copy = _copy_of_cifar(tmp_path, cifar10_dir)
-    (copy / "data_batch_3").unlink()
-    (copy / "data_batch_3").write_bytes((cifar10_dir / "data_batch_3").read_bytes()[:100_000])
+    (copy / name).unlink()
+    (copy / name).write_bytes(contents(cifar10_dir))
     done = _cli(_train_args(tmp_path / "run", "--hpconfig", TINY), env=_env(CIFAR10_PATH=str(copy)))
-    _assert_clean_failure(done, tmp_path / "run", "data_batch_3")
-
-
-def test_corrupt_batch_file(tmp_path, cifar10_dir):
-    copy = _copy_of_cifar(tmp_path, cifar10_dir)
-    (copy / "data_batch_2").unlink()
-    (copy / "data_batch_2").write_bytes(b"\x00garbage" * 1000)
-    done = _cli(_train_args(tmp_path / "run", "--hpconfig", TINY), env=_env(CIFAR10_PATH=str(copy)))
-    _assert_clean_failure(done, tmp_path / "run", "data_batch_2")
-
-
-def test_images_of_the_wrong_shape(tmp_path, cifar10_dir):
-    copy = _copy_of_cifar(tmp_path, cifar10_dir)
-    (copy / "data_batch_1").unlink()
-    with open(copy / "data_batch_1", "wb") as f:
-        pickle.dump({b"data": np.zeros([10000, 1024], np.uint8), b"labels": [0] * 10000}, f, protocol=2)
-    done = _cli(_train_args(tmp_path / "run", "--hpconfig", TINY), env=_env(CIFAR10_PATH=str(copy)))
-    _assert_clean_failure(done, tmp_path / "run", "data_batch_1")
-
-
-def test_images_of_the_wrong_dtype(tmp_path, cifar10_dir):
-    copy = _copy_of_cifar(tmp_path, cifar10_dir)
-    (copy / "data_batch_4").unlink()
-    with open(copy / "data_batch_4", "wb") as f:
-        pickle.dump({b"data": np.zeros([10000, 3072], np.float32), b"labels": [0] * 10000}, f, protocol=2)
-    done = _cli(_train_args(tmp_path / "run", "--hpconfig", TINY), env=_env(CIFAR10_PATH=str(copy)))
-    _assert_clean_failure(done, tmp_path / "run", "data_batch_4")
+    _assert_clean_failure(done, tmp_path / "run", name)
 
 
 def test_image_size_that_does_not_fit_the_data(tmp_path, cifar10_dir):
@@ -314,12 +300,7 @@ def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path, cifar10_dir
         assert len(losses[-1]) == 20
     assert losses[0] == losses[1]
     # And the per-step summaries agree to the last bit.
-    values = []
-    for run in range(2):
-        events = sorted((tmp_path / str(run) / "train").glob("events.*"))
-        values.append([(e.step, tf.make_ndarray(v.tensor).tobytes()) for p in events
-                       for e in tf.compat.v1.train.summary_iterator(str(p)) for v in e.summary.value
-                       if v.tag == "model/bits_per_dim"])
+    values = [scalar_series(tmp_path / str(run) / "train", "model/bits_per_dim") for run in range(2)]
     assert len(values[0]) == 20 and values[0] == values[1]
 
 

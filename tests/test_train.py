@@ -1,4 +1,3 @@
-import glob
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import data, hparams, train
+from tests.helpers import read_events, scalar_series
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "depth=2,num_blocks=1,h_size=8,z_size=4,batch_size=4,num_gpus=1,learning_rate=0.002"
@@ -25,16 +25,6 @@ def _run_cli(args, **kwargs):
 def _checkpoint_step(train_dir):
     latest = tf.train.latest_checkpoint(train_dir)
     return -1 if latest is None else int(latest.rsplit("-", 1)[1])
-
-
-def _scalars(event_dir):
-    """{tag: [(step, value)]} read back from TensorBoard event files."""
-    found = {}
-    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
-    return found
 
 
 @pytest.mark.parametrize("kl_min", [0.0, 0.5])
@@ -79,11 +69,11 @@ def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     assert result["step"] == 300 and result["status"] == "max_steps"
     assert any(line.startswith("Iteration 1, time = ") and "train bits_per_dim = " in line for line in lines)
 
-    scalars = _scalars(tmp_path / "train")
+    tags = {tag for tag, _ in read_events(tmp_path / "train")[0]}
     for tag in ["model/bits_per_dim", "model/dec_log_stdv", "model/kl_obj", "model/kl_cost", "model/log_pxz",
                 "model/kl_obj_00_00", "model/kl_cost_01_01", "images_per_second"]:
-        assert tag in scalars, f"{tag} missing; found {sorted(scalars)}"
-    bpd = dict(scalars["model/bits_per_dim"])
+        assert tag in tags, f"{tag} missing; found {sorted(tags)}"
+    bpd = scalar_series(tmp_path / "train", "model/bits_per_dim")
     assert sorted(bpd) == list(range(20, 301, 20))
     # A fresh model is at ~10 bits/dim. Adamax moves each weight by at most learning_rate (0.002) a step,
     # so the decoder scale alone needs ~2000 steps to settle: measured 9.21 at step 300 (6.1 at 3000,
@@ -92,7 +82,7 @@ def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     late = np.mean([bpd[s] for s in (260, 280, 300)])
     assert late < 9.5 and late < bpd[20] - 0.5
     assert all(bpd[s + 100] < bpd[s] for s in (20, 100, 200))
-    assert all(v > 0 for _, v in scalars["images_per_second"])
+    assert all(v > 0 for v in scalar_series(tmp_path / "train", "images_per_second").values())
     assert result["skipped"] == 0
 
 
