@@ -59,13 +59,6 @@ def make_strategy(num_replicas, cpu_replicas=0, kind="mirrored"):
     return tf.distribute.MirroredStrategy(devices)
 
 
-def metric_names(model):
-    names = ["bits_per_dim", "dec_log_stdv", "kl_obj", "kl_cost", "log_pxz", "objective"]
-    for i, j in model.block_index:
-        names += [f"kl_obj_{i:02d}_{j:02d}", f"kl_cost_{i:02d}_{j:02d}"]
-    return names
-
-
 def step_metrics(model, out):
     """The original's training summaries (means over this replica's batch).
 
@@ -293,8 +286,10 @@ def train(hps, config, trainer=None):
                 say(f"Iteration {step}: non-finite loss or gradient, update skipped "
                     f"({consecutive_skips} in a row, {int(trainer.skipped.numpy())} in all)")
             if local_step < 10 or step % config.summary_every == 0:
-                say(f"Iteration {step}, time = {time.time() - begin:.2f}s, train bits_per_dim = "
-                    f"{float(metrics['bits_per_dim']):.4f}, dec_log_stdv = {float(metrics['dec_log_stdv']):.4f}")
+                score = (f"train nats_per_image = {float(metrics['nats_per_image']):.2f}" if "nats_per_image" in metrics
+                         else f"train bits_per_dim = {float(metrics['bits_per_dim']):.4f}")
+                say(f"Iteration {step}, time = {time.time() - begin:.2f}s, {score}, "
+                    f"dec_log_stdv = {float(metrics['dec_log_stdv']):.4f}")
                 begin = time.time()
             if step % config.summary_every == 0 or consecutive_skips:
                 elapsed = time.time() - window_start

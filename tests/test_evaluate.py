@@ -143,3 +143,19 @@ def test_sample_mode_writes_png_and_npy(reference_dir, tmp_path):
     assert np.abs(cold.astype(int) - cold[:1].astype(int)).max() <= 1
     png = tf.io.decode_png(Path(stems[0] + ".png").read_bytes()).numpy()
     assert png.shape == (3 * 33 - 1, 4 * 33 - 1, 3)  # 10 pictures: 3 rows of 4
+
+
+def test_mnist_is_evaluated_in_nats_per_image_on_a_fixed_binarization(mnist_dir, tmp_path):
+    hps = hparams.get_default_hparams().parse("dataset=mnist,depth=1,num_blocks=1,h_size=8,z_size=4,batch_size=4")
+    from iaf_tf.train import Trainer
+    trainer = Trainer(hps, tf.distribute.get_strategy())
+    trainer.initialize(data.load_images("mnist", "train", mnist_dir)[:4])
+    tf.train.CheckpointManager(trainer.checkpoint, str(tmp_path / "train"), max_to_keep=None).save(0)
+    lines = []
+    config = evaluate.EvalConfig(logdir=str(tmp_path), mode="eval_test", once=True, num_images=40, progress=False,
+                                 data_dir=str(mnist_dir), print_fn=lines.append)
+    first, second = (evaluate.run_eval(hps, config)[0] for _ in range(2))
+    assert "bits_per_dim" not in first and first["nats_per_image"] == second["nats_per_image"]
+    assert 100 < first["nats_per_image"] < 2000  # an untrained model pays ~log 2 per pixel and more
+    assert ("eval_nats_per_image", 0) in read_events(tmp_path / "eval_test")[0]
+    assert lines[-1] == f"Step: 0 Score: {first['nats_per_image']:.4f}"

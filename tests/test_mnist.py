@@ -1,8 +1,6 @@
 """dataset=mnist: dynamic binarization, the Bernoulli likelihood on the 28x28 digit, nats per image."""
 
-import glob
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from iaf_tf import data, hparams, train
 from iaf_tf import distributions as dist
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import BINARIZE_STREAM, CVAE
+from tests.helpers import scalar_series
 
 TINY = "dataset=mnist,depth=2,num_blocks=1,h_size=8,z_size=4,batch_size=8,num_gpus=1,learning_rate=0.002"
 
@@ -81,15 +80,6 @@ def test_model_binarizes_with_the_step_seed_and_scores_the_28x28_digit():
     np.testing.assert_allclose(-out["log_pxz"].numpy() / 784, math.log(2), atol=0.01)
 
 
-def _scalars(event_dir):
-    found = {}
-    for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
-    return found
-
-
 @pytest.mark.slow
 def test_mnist_trains_and_reports_nats_per_image(tmp_path, mnist_dir):
     hps = hparams.get_default_hparams().parse(TINY)
@@ -99,7 +89,8 @@ def test_mnist_trains_and_reports_nats_per_image(tmp_path, mnist_dir):
     result = train.train(hps, config)
     assert result["status"] == "max_steps" and result["skipped"] == 0
     assert np.isfinite(result["metrics"]["nats_per_image"])
-    nats = dict(_scalars(tmp_path / "train")["model/nats_per_image"])
+    nats = scalar_series(tmp_path / "train", "model/nats_per_image")
+    assert any(line.startswith("Iteration 20, ") and "train nats_per_image = " in line for line in lines)
     assert sorted(nats) == list(range(20, 301, 20))
     assert all(np.isfinite(v) for v in nats.values())
     # A fresh model pays ~log 2 per pixel (543 nats) plus the KL; 300 steps already take off a lot.
