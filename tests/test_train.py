@@ -149,3 +149,15 @@ def test_readme_command_trains_the_readme_recipe_on_cpu(tmp_path, cifar10_dir):
     assert "Num trainable variables: 41557927" in done.stdout
     assert "Iteration 1, time = " in done.stdout
     assert tf.train.latest_checkpoint(tmp_path / "train").endswith("ckpt-1")
+
+
+def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
+    images = data.load_cifar10("test", cifar10_dir)[:64]
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    batches = train.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
+    expected = iter(data.train_dataset(images, 8, seed=3, start_step=5))
+    for _ in range(3):
+        per_replica = strategy.experimental_local_results(next(batches))
+        global_batch = next(expected).numpy()
+        assert len(per_replica) == 2
+        np.testing.assert_array_equal(np.concatenate([b.numpy() for b in per_replica]), global_batch)
