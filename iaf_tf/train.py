@@ -6,13 +6,11 @@ cross-replica context so that Keras does not sum the already-averaged gradients 
 """
 
 import dataclasses
-import math
 import os
 import signal
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from iaf_tf import checkpoints

@@ -9,7 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["IAF_TF_NO_DOWNLOAD"] = "1"  # tests never download (bin/iaf.py subprocesses inherit this)
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from iaf_tf.devices import configure_cpu  # noqa: E402
 
