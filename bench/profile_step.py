@@ -1,0 +1,104 @@
+"""Where a training step's time goes: TF profiler trace of a few steps, summed by op type.
+
+Op times are summed over the executor's threads (inter-op parallel ops overlap, so the total can exceed
+the wall time). Convolutions appear under the names of the oneDNN kernels that run them.
+Usage: python bench/profile_step.py [--config readme_recipe] [--hpconfig batch_size=8] [--steps 2] [--top 30]
+"""
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Events that enclose ops rather than being ops.
+_SCAFFOLDING = {"Process", "Run"}
+
+
+def op_times(logdir):
+    """{(op type, op name): (total µs, count)} from the host plane of the xplane files under logdir."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(Path(path).read_bytes())
+        for plane in space.planes:
+            if not plane.name.startswith("/host:CPU"):
+                continue
+            metadata = plane.event_metadata
+            for line in plane.lines:
+                for event in line.events:
+                    name = metadata[event.metadata_id].name
+                    if ":" not in name:  # executor ops are "name:Type"; the rest is Python/runtime scaffolding
+                        continue
+                    op_name, op_type = name.rsplit(":", 1)
+                    if op_type in _SCAFFOLDING or op_type.startswith("__inference"):
+                        continue
+                    entry = totals[(op_type, op_name)]
+                    entry[0] += event.duration_ps / 1e6
+                    entry[1] += 1
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="readme_recipe")
+    parser.add_argument("--hpconfig", default="")
+    parser.add_argument("--root", default=str(ROOT), help="checkout to profile")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--by_name", action="store_true", help="also list the slowest individual ops")
+    parser.add_argument("--inter_op", type=int, default=0,
+                        help="inter-op threads (1: ops run one at a time, so each op's time is its own)")
+    parser.add_argument("--data_dir", default=os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data")))
+    args = parser.parse_args()
+    sys.path.insert(0, args.root)
+    import tensorflow as tf
+    from iaf_tf import data, hparams, train
+
+    if args.inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+
+    hps = hparams.resolve_hparams(args.config, args.hpconfig).replace(num_gpus=1)
+    images = data.load_cifar10("test", args.data_dir)[:hps.batch_size]
+    trainer = train.Trainer(hps, tf.distribute.get_strategy(), seed=0)
+    trainer.initialize(images)
+    batch = tf.constant(images)
+    for _ in range(2):
+        float(trainer.train_step(batch)[0]["objective"])
+    logdir = tempfile.mkdtemp(prefix="iaf_profile_")
+    tf.profiler.experimental.start(logdir)
+    begin = time.perf_counter()
+    for _ in range(args.steps):
+        float(trainer.train_step(batch)[0]["objective"])
+    wall_ms = (time.perf_counter() - begin) * 1e3 / args.steps
+    tf.profiler.experimental.stop()
+
+    totals = op_times(logdir)
+    by_type = collections.defaultdict(lambda: [0.0, 0])
+    for (op_type, _), (us, count) in totals.items():
+        by_type[op_type][0] += us
+        by_type[op_type][1] += count
+    all_ms = sum(us for us, _ in by_type.values()) / 1e3 / args.steps
+    print(f"{args.config} {args.hpconfig}: wall {wall_ms:.0f} ms/step, op time {all_ms:.0f} ms/step "
+          f"(summed over threads), profile in {logdir}")
+    print(f"{'op type':40s} {'ms/step':>9s} {'share':>6s} {'ops/step':>8s}")
+    for op_type, (us, count) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        ms = us / 1e3 / args.steps
+        print(f"{op_type:40s} {ms:9.1f} {ms / all_ms:6.1%} {count / args.steps:8.0f}")
+    if args.by_name:
+        print(f"\n{'op name':70s} {'type':24s} {'ms/step':>9s}")
+        for (op_type, name), (us, _) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]:
+            print(f"{name[-70:]:70s} {op_type:24s} {us / 1e3 / args.steps:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
