@@ -89,24 +89,34 @@ class IAFBlock(keras.layers.Layer):
         self.bottom_up = where == "up"
         self.context_size = h if self.flow != "diag" and hps.depth_ar > 0 else 0
         stride = (2, 2) if downsample else (1, 1)
-        self.up_conv1 = WNConv2D(2 * z + self.context_size + h, strides=stride, name="up_conv1")
-        self.up_conv3 = WNConv2D(h, name="up_conv3")
+        # Mixed precision: the block's convolutions and the activations between them in bfloat16; the
+        # residual stream, the Gaussians and the KL stay float32.
+        self.conv_dtype = tf.bfloat16 if hps.mixed_precision else tf.float32
+        conv = dict(conv_dtype=self.conv_dtype)
+        self.up_conv1 = WNConv2D(2 * z + self.context_size + h, strides=stride, name="up_conv1", **conv)
+        self.up_conv3 = WNConv2D(h, name="up_conv3", **conv)
         posterior_size = 0 if self.bottom_up else 2 * z + self.context_size
-        self.down_conv1 = WNConv2D(2 * z + posterior_size + h, name="down_conv1")
+        self.down_conv1 = WNConv2D(2 * z + posterior_size + h, name="down_conv1", **conv)
         if self.flow != "diag":
             heads = [z, z] if self.flow == "iaf2_nl" else [z]
             self.ar = ARMultiConv(z, [h] * hps.depth_ar, heads, use_context=self.context_size > 0,
-                                  name="ar_multiconv2d")
+                                  name="ar_multiconv2d", **conv)
         if downsample:
-            self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2")
+            self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2", **conv)
         else:
-            self.down_conv2 = WNConv2D(h, name="down_conv2")
+            self.down_conv2 = WNConv2D(h, name="down_conv2", **conv)
+
+    def _elu(self, x):
+        return tf.nn.elu(tf.cast(x, self.conv_dtype))
+
+    def _float32(self, *tensors):
+        return [tf.cast(t, tf.float32) for t in tensors]
 
     def iaf(self, z, log_q, context, init=False):
         """The IAF step on a posterior sample: returns (z, log q(z)) after it (unchanged for diag)."""
         if self.flow == "diag":
             return z, log_q
-        heads = self.ar(z, context, init=init)
+        heads = self._float32(*self.ar(z, context, init=init))
         z = z - IAF_SCALE * heads[0]
         if self.flow == "iaf2_nl":
             log_scale = IAF_SCALE * heads[1]
@@ -119,31 +129,34 @@ class IAFBlock(keras.layers.Layer):
         """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
         (z, log q(z)) for up_* ones, which need `noise`."""
         h, z_size = self.hps.h_size, self.hps.z_size
-        out = self.up_conv1(tf.nn.elu(x), init=init)
+        out = self.up_conv1(self._elu(x), init=init)
         qz_mean, qz_logsd, context, hidden = tf.split(out, [z_size, z_size, self.context_size, h], axis=-1)
+        qz_mean, qz_logsd = self._float32(qz_mean, qz_logsd)
         if self.bottom_up:
             z = dist.gaussian_sample(qz_mean, qz_logsd, noise)
             log_q = dist.gaussian_log_density(z, qz_mean, qz_logsd)
             z, log_q = self.iaf(z, log_q, context, init=init)
             stats = (z, log_q)
-            hidden = tf.concat([z, hidden], axis=-1)
+            hidden = tf.concat([tf.cast(z, hidden.dtype), hidden], axis=-1)
         else:
             stats = (qz_mean, qz_logsd, context)
-        hidden = self.up_conv3(tf.nn.elu(hidden), init=init)
         if self.downsample:
             x = resize_nearest(x, 0.5)
-        return x + RESIDUAL_SCALE * hidden, stats
+        # x + RESIDUAL_SCALE * conv(...), with the scale folded into the conv (see WNConv2D.call).
+        return self.up_conv3(tf.nn.elu(hidden), init=init, residual=x, gain=RESIDUAL_SCALE), stats
 
     @_in_own_scope
     def down(self, x, up_stats, noise, sample_prior=False, init=False):
         """Returns (output, per-image KL objective, per-image KL cost); the KLs are None when sampling."""
         h, z_size = self.hps.h_size, self.hps.z_size
-        out = self.down_conv1(tf.nn.elu(x), init=init)
+        out = self.down_conv1(self._elu(x), init=init)
         if self.bottom_up:
             pz_mean, pz_logsd, h_det = tf.split(out, [z_size, z_size, h], axis=-1)
         else:
             pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = tf.split(
                 out, [z_size] * 4 + [self.context_size, h], axis=-1)
+            rz_mean, rz_logsd = self._float32(rz_mean, rz_logsd)
+        pz_mean, pz_logsd = self._float32(pz_mean, pz_logsd)
 
         kl_obj = kl_cost = None
         if sample_prior:
@@ -162,10 +175,10 @@ class IAFBlock(keras.layers.Layer):
             kl_obj = free_bits_kl(kl_map, self.hps.kl_min)
             kl_cost = tf.reduce_sum(kl_map, axis=[1, 2, 3])
 
-        hidden = tf.nn.elu(tf.concat([z, h_det], axis=-1))
+        hidden = tf.nn.elu(tf.concat([tf.cast(z, h_det.dtype), h_det], axis=-1))
         if self.downsample:
             x = resize_nearest(x, 2)
-        return x + RESIDUAL_SCALE * self.down_conv2(hidden, init=init), kl_obj, kl_cost
+        return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_obj, kl_cost
 
     def named_convs(self):
         convs = {c.name: c for c in (self.up_conv1, self.up_conv3, self.down_conv1, self.down_conv2)}
@@ -190,6 +203,10 @@ class CVAE(keras.Model):
     32x32 is seen by the encoder but not scored, so the NLL is in nats per MNIST image. The Bernoulli
     is evaluated from the logits (no clipping of probabilities to [1e-7, 1 - 1e-7] as in Theano);
     `dec_log_stdv` exists but is unused (it gets no gradient and stays 0).
+
+    With hps.mixed_precision the IAF blocks compute in bfloat16 (see IAFBlock). The input and output
+    convolutions stay float32: they cost little, and the decoder's mean has to resolve 1/256-wide bins,
+    which bfloat16 cannot do near +-0.5.
     """
 
     def __init__(self, hps, **kwargs):
