@@ -37,6 +37,10 @@ class WeightAverages(tf.Module):
         towards the same device's copy of its weight, so no cross-device traffic."""
         rate = 1.0 - self.decay
         for shadow, var in zip(self.shadows, self._weights.items):
+            if not isinstance(shadow, tf.distribute.DistributedValues):
+                # One small function call per variable keeps the training step's graph small.
+                _move_towards(shadow, _tf_variable(var), rate)
+                continue
             for shadow_copy, var_copy in zip(_copies(shadow), _copies(_tf_variable(var))):
                 with tf.device(shadow_copy.device):
                     shadow_copy.assign_sub(rate * (shadow_copy - tf.cast(var_copy, shadow_copy.dtype)))
@@ -55,6 +59,13 @@ class WeightAverages(tf.Module):
         finally:
             for value, var in zip(saved, self._weights.items):
                 var.assign(value)
+
+
+def _move_towards_fn(shadow, variable, rate):
+    shadow.assign_sub(rate * (shadow - tf.cast(variable, shadow.dtype)))
+
+
+_move_towards = tf.function(_move_towards_fn, reduce_retracing=True, experimental_attributes={"_noinline": True})
 
 
 class _Untracked:
