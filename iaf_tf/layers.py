@@ -131,7 +131,8 @@ class WNConv2D(keras.layers.Layer):
 
     def __init__(self, filters, kernel_size=(3, 3), strides=(1, 1), transpose=False, init_scale=0.1,
                  mask=None, conv_dtype="float32", **kwargs):
-        super().__init__(**kwargs)
+        # Keras would cast floating inputs to the layer's float32 compute dtype; the dtypes here are ours.
+        super().__init__(autocast=False, **kwargs)
         self.filters = filters
         self.kernel_size = tuple(kernel_size)
         self.strides = tuple(strides)
@@ -247,7 +248,7 @@ class ARMultiConv(keras.layers.Layer):
     then one masked head per output (mean and log-scale shifts), each blind to its own channel."""
 
     def __init__(self, in_channels, hidden_sizes, output_sizes, use_context=True, conv_dtype="float32", **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(autocast=False, **kwargs)  # keeps a bfloat16 context bfloat16
         self.use_context = use_context
         self.hidden = []
         channels = in_channels
