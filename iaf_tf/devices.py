@@ -1,6 +1,27 @@
 """Device setup that has to happen before TensorFlow runs its first op."""
 
+import ctypes
+import ctypes.util
+
 import tensorflow as tf
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(count=1):
+    """Make glibc's malloc serve every thread from `count` heap(s); returns whether it could.
+
+    By default each thread that allocates under contention gets its own heap ("arena"), and memory goes
+    back to the arena it came from, which keeps it. TensorFlow frees tensors on other threads than the
+    ones that allocated them, so every arena grows towards the step's peak: for the README recipe that
+    is 150 to 350 MB more resident memory than one arena, for no measurable speed. Other allocators
+    (jemalloc, tcmalloc, macOS) are left alone.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, count))
 
 
 def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0):
@@ -8,8 +29,9 @@ def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0)
     machine without GPUs; they share the same cores, so this tests distribution, it does not speed up).
 
     Idempotent: once TensorFlow is initialized a matching configuration is accepted, a different one
-    raises RuntimeError.
+    raises RuntimeError. Also limits glibc's malloc to one arena (see `limit_malloc_arenas`).
     """
+    limit_malloc_arenas()
     cpus = tf.config.list_physical_devices("CPU")
     wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(num_logical_devices)]
     try:
