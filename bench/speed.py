@@ -39,11 +39,12 @@ CONV_SHAPE = dict(batch=32, size=16, channels=160)
 # ----------------------------------------------------------------------------------------- children
 
 def _import_library(root, inter_op=0):
+    """Import the checkout at `root` and set up the CPU as bin/iaf.py does."""
     sys.path.insert(0, str(root))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # (before the library, so the log level applies)
-    if inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    from iaf_tf.devices import configure_cpu
+
+    configure_cpu(1, inter_op_threads=inter_op)
 
 
 def _peak_mib():
@@ -267,7 +268,8 @@ def child_trace(args):
 def run_child(kind, root, config, precision, args, hpconfig="", probe=True, jit=False):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--root", str(root),
            "--config", config, "--precision", precision, "--hpconfig", hpconfig, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--inter_op", str(args.inter_op), "--data_dir", args.data_dir, "--eval_batches", str(args.eval_batches)]
+           "--warmup", str(args.warmup), "--inter_op", str(args.inter_op), "--data_dir", args.data_dir,
+           "--eval_batches", str(args.eval_batches)]
     if probe:
         cmd.append("--probe")
     if jit:
@@ -287,13 +289,13 @@ def _fmt(value, spec):
 
 def print_train(rows):
     print("\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)")
-    head = (f"{'code':10s} {'config':14s} {'prec':8s} {'step s':>7s} {'img/s':>6s} {'GFLOP/img':>9s} "
+    head = (f"{'code':10s} {'config':14s} {'prec':12s} {'step s':>7s} {'img/s':>6s} {'GFLOP/img':>9s} "
             f"{'GFLOP/s':>7s} {'conv f32':>8s} {'conv bf16':>9s} {'ratio':>6s} {'peak MiB':>8s} "
             f"{'cpu ratio':>9s} {'1st call s':>10s} {'trace s':>7s}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        label = f"{r['code']:10s} {r['config']:14s} {r['precision']:8s}"
+        label = f"{r['code']:10s} {r['config']:14s} {r.get('variant', r['precision']):12s}"
         if "error" in r:
             print(f"{label} ERROR {r['error']}")
             continue
@@ -310,6 +312,15 @@ def print_train(rows):
                  if r["precision"] == "bfloat16" and "bfloat16" not in r.get("conv_dtypes", {}) else ""))
     print("ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process (wall clock).\n"
           "cpu ratio = the same per CPU-second of the process: other processes on the machine affect it less.")
+    found = {(r["code"], r["config"], r.get("variant", r["precision"])): r for r in rows if "error" not in r}
+    for (code, config, variant), r in sorted(found.items()):
+        f32 = found.get((code, config, "float32"))
+        if variant != "float32" and f32:
+            print(f"{code} {config}: {variant} images/s = {r['images_per_s'] / f32['images_per_s']:.2f}x float32")
+        base = found.get(("baseline", config, variant))
+        if code == "current" and base:
+            print(f"{config} {variant}: current images/s = {r['images_per_s'] / base['images_per_s']:.2f}x baseline, "
+                  f"peak memory {r['peak_mib']:.0f} vs {base['peak_mib']:.0f} MiB")
 
 
 def print_eval(rows):
@@ -355,6 +366,8 @@ def main():
     parser.add_argument("--inter_op", type=int, default=0, help="inter-op threads (0: TensorFlow's default)")
     parser.add_argument("--current", default=str(ROOT), help="the checkout to measure (default: this one)")
     parser.add_argument("--no_current", action="store_true", help="run only the --baseline checkout")
+    parser.add_argument("--baseline_all", action="store_true",
+                        help="also run the baseline in bfloat16 / with XLA (by default only float32)")
     parser.add_argument("--data_dir", default=DEFAULT_DATA)
     parser.add_argument("--json", default=None, help="also write all results here")
     # Child-process arguments.
@@ -383,6 +396,8 @@ def main():
         for config in configs:
             for precision, jit in variants:
                 for code, root in codes:
+                    if code == "baseline" and (precision != "float32" or jit) and not args.baseline_all:
+                        continue
                     name = precision + ("+xla" if jit else "")
                     r = run_child("train", root, config, precision, args, args.hpconfig, jit=jit)
                     results["train"].append(tagged(r, code=code, config=config, precision=precision, variant=name))
@@ -392,6 +407,8 @@ def main():
         for config in configs:
             for precision in precisions:
                 for code, root in codes:
+                    if code == "baseline" and precision != "float32" and not args.baseline_all:
+                        continue
                     r = run_child("eval", root, config, precision, args, args.hpconfig)
                     results["eval"].append(tagged(r, code=code, config=config, precision=precision))
                     print(f"  eval {code} {config} {precision}: done", file=sys.stderr)
