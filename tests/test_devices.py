@@ -1,8 +1,15 @@
 """Logical CPU devices and replica placement (conftest configures 2 logical CPUs before any op)."""
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import tensorflow as tf
 
+from iaf_tf import devices
 from iaf_tf.devices import configure_cpu, replica_devices
 
 
@@ -68,3 +75,61 @@ def test_replica_devices_cpu_replicas(initialized):
     assert strategy.num_replicas_in_sync == 2
     with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
         replica_devices(3, cpu_replicas=3)
+
+
+_COUNT_ARENAS = r"""
+import ctypes, ctypes.util, re, sys, tempfile, threading
+sys.path.insert(0, {root!r})
+from iaf_tf.devices import limit_malloc_arenas
+if {limit}:
+    assert limit_malloc_arenas(1)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()  # all threads allocate at once, which is when glibc hands out more arenas
+    for _ in range(2000):
+        libc.free(libc.malloc(4096))
+def heaps():
+    with tempfile.TemporaryFile() as out:
+        stream = ctypes.c_void_p(libc.fdopen(libc.dup(out.fileno()), b"w"))
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        out.seek(0)
+        return len(re.findall(rb"<heap nr=", out.read()))
+libc.fdopen.restype = ctypes.c_void_p
+before = heaps()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(before, heaps())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc arenas are a glibc feature")
+def test_limit_malloc_arenas_keeps_threads_on_one_heap():
+    root = str(Path(__file__).resolve().parents[1])
+
+    def heaps_before_and_after(limit):
+        out = subprocess.run([sys.executable, "-c", _COUNT_ARENAS.format(root=root, limit=limit)],
+                             capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}).stdout
+        before, after = map(int, out.split()[-2:])
+        return before, after
+
+    # Importing TensorFlow may already have made some heaps; the limit stops any more being made.
+    before, after = heaps_before_and_after(limit=True)
+    assert after == before
+    # Without the limit the same threads get heaps of their own, so the test can tell the difference.
+    before, after = heaps_before_and_after(limit=False)
+    assert after > before
+
+
+def test_limit_malloc_arenas_without_mallopt_says_so(monkeypatch):
+    def no_libc(*_):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(devices.ctypes, "CDLL", no_libc)
+    assert devices.limit_malloc_arenas() is False
