@@ -217,14 +217,23 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
         raise ValueError(f"need at least batch_size={batch_size} images, got {n}")
     if seed is None:
         seed = int(np.random.randint(2**31 - 1))
-    pixels = tf.constant(images)
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"train_dataset takes uint8 images, got {images.dtype}")
     steps_per_epoch = n // batch_size
+
+    def take(rows):
+        return images[rows]
 
     def batch_at(step):
         epoch, position = step // steps_per_epoch, step % steps_per_epoch
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.gather(pixels, order[position * batch_size:(position + 1) * batch_size])
+        # Gathered from the NumPy array itself: a tf.constant of it would be a second copy of the whole
+        # training set (150 MB for CIFAR-10) for every dataset made from it.
+        batch = tf.numpy_function(take, [order[position * batch_size:(position + 1) * batch_size]], tf.uint8,
+                                  stateful=False)
+        return tf.ensure_shape(batch, [batch_size, *images.shape[1:]])
 
     return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
             .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
