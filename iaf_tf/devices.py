@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import os
 
 import tensorflow as tf
 
@@ -13,8 +14,7 @@ def limit_malloc_arenas(count=1):
 
     By default each thread that allocates under contention gets its own heap ("arena"), and memory goes
     back to the arena it came from, which keeps it. TensorFlow frees tensors on other threads than the
-    ones that allocated them, so every arena grows towards the step's peak: for the README recipe that
-    is 150 to 350 MB more resident memory than one arena, for no measurable speed. Other allocators
+    ones that allocated them, so every arena would grow towards the step's peak. Other allocators
     (jemalloc, tcmalloc, macOS) are left alone.
     """
     try:
@@ -24,14 +24,24 @@ def limit_malloc_arenas(count=1):
     return bool(mallopt(_M_ARENA_MAX, count))
 
 
+def use_system_allocator():
+    """Have TensorFlow's oneDNN CPU builds allocate tensors with malloc (one arena, see above) instead of
+    their own best-fit pool, which keeps every page it has grown to: README-recipe training peaks at
+    3262 MiB resident instead of 3435 MiB, at the same speed (bench/speed.py on the 2-core CPU of BUILD.md).
+    TensorFlow reads the variable when it makes its CPU allocator, at the first op; an explicit setting
+    is kept."""
+    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "true")
+    limit_malloc_arenas()
+
+
 def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0):
     """Split the host CPU into `num_logical_devices` logical devices (replicas for MirroredStrategy on a
     machine without GPUs; they share the same cores, so this tests distribution, it does not speed up).
 
     Idempotent: once TensorFlow is initialized a matching configuration is accepted, a different one
-    raises RuntimeError. Also limits glibc's malloc to one arena (see `limit_malloc_arenas`).
+    raises RuntimeError. Also sets up host memory allocation (see `use_system_allocator`).
     """
-    limit_malloc_arenas()
+    use_system_allocator()
     cpus = tf.config.list_physical_devices("CPU")
     wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(num_logical_devices)]
     try:

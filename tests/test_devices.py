@@ -77,20 +77,16 @@ def test_replica_devices_cpu_replicas(initialized):
         replica_devices(3, cpu_replicas=3)
 
 
-_COUNT_ARENAS = r"""
+_COUNT_HEAPS = r"""
 import ctypes, ctypes.util, re, sys, tempfile, threading
 sys.path.insert(0, {root!r})
 from iaf_tf.devices import limit_malloc_arenas
 if {limit}:
     assert limit_malloc_arenas(1)
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.malloc.restype = ctypes.c_void_p
+libc.malloc.restype = libc.fdopen.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-barrier = threading.Barrier(8)
-def work():
-    barrier.wait()  # all threads allocate at once, which is when glibc hands out more arenas
-    for _ in range(2000):
-        libc.free(libc.malloc(4096))
+
 def heaps():
     with tempfile.TemporaryFile() as out:
         stream = ctypes.c_void_p(libc.fdopen(libc.dup(out.fileno()), b"w"))
@@ -98,7 +94,12 @@ def heaps():
         libc.fclose(stream)
         out.seek(0)
         return len(re.findall(rb"<heap nr=", out.read()))
-libc.fdopen.restype = ctypes.c_void_p
+
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()  # all threads allocate at once, which is when glibc hands out more arenas
+    for _ in range(2000):
+        libc.free(libc.malloc(4096))
 before = heaps()
 threads = [threading.Thread(target=work) for _ in range(8)]
 for t in threads: t.start()
@@ -106,24 +107,33 @@ for t in threads: t.join()
 print(before, heaps())
 """
 
+_ALLOCATOR_STATS = r"""
+import sys
+sys.path.insert(0, {root!r})
+from iaf_tf.devices import configure_cpu
+configure_cpu(1)
+import tensorflow as tf
+tf.reduce_sum(tf.ones([1000, 1000]))
+print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+"""
+
+
+def _run(script, **env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
+            and k != "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**base, **env}).stdout.split()
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc arenas are a glibc feature")
 def test_limit_malloc_arenas_keeps_threads_on_one_heap():
     root = str(Path(__file__).resolve().parents[1])
-
-    def heaps_before_and_after(limit):
-        out = subprocess.run([sys.executable, "-c", _COUNT_ARENAS.format(root=root, limit=limit)],
-                             capture_output=True, text=True, check=True,
-                             env={k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}).stdout
-        before, after = map(int, out.split()[-2:])
-        return before, after
-
     # Importing TensorFlow may already have made some heaps; the limit stops any more being made.
-    before, after = heaps_before_and_after(limit=True)
+    before, after = map(int, _run(_COUNT_HEAPS.format(root=root, limit=True))[-2:])
     assert after == before
     # Without the limit the same threads get heaps of their own, so the test can tell the difference.
-    before, after = heaps_before_and_after(limit=False)
+    before, after = map(int, _run(_COUNT_HEAPS.format(root=root, limit=False))[-2:])
     assert after > before
 
 
@@ -133,3 +143,11 @@ def test_limit_malloc_arenas_without_mallopt_says_so(monkeypatch):
 
     monkeypatch.setattr(devices.ctypes, "CDLL", no_libc)
     assert devices.limit_malloc_arenas() is False
+
+
+def test_configure_cpu_makes_tensorflow_allocate_with_malloc():
+    root = str(Path(__file__).resolve().parents[1])
+    # TensorFlow's own pool counts its bytes; with malloc there is nothing to count.
+    assert int(_run(_ALLOCATOR_STATS.format(root=root))[-1]) == 0
+    # An explicit setting wins, and shows that the check can tell the two apart.
+    assert int(_run(_ALLOCATOR_STATS.format(root=root), TF_ONEDNN_USE_SYSTEM_ALLOCATOR="false")[-1]) >= 4_000_000
