@@ -246,6 +246,31 @@ def child_eval(args):
     print("RESULT " + json.dumps(result))
 
 
+def child_loop(args):
+    """The real training loop (train.train: data pipeline, summaries, checkpoints at the start and end)."""
+    _import_library(args.root, args.inter_op)
+    import re
+    import shutil
+    import tempfile
+
+    from iaf_tf import train
+
+    hps = _hps(args)
+    logdir = tempfile.mkdtemp(prefix="iaf_speed_")
+    lines = []
+    config = train.TrainConfig(logdir=logdir, max_steps=args.warmup + 1 + args.steps, checkpoint_every=10**9,
+                               summary_every=10**9, data_dir=args.data_dir, print_fn=lines.append)
+    try:
+        train.train(hps, config)
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    # "Iteration n, time = t s" is printed for each of the first 10 steps, t since the previous print.
+    seconds = [float(m.group(1)) for m in (re.search(r"time = ([0-9.]+)s", line) for line in lines) if m]
+    step_s = statistics.median(seconds[args.warmup + 1:]) if len(seconds) > args.warmup + 1 else None
+    print("RESULT " + json.dumps({"kind": "loop", "step_s": step_s, "peak_mib": _peak_mib(),
+                                  "images_per_s": hps.batch_size / step_s if step_s else None}))
+
+
 def child_trace(args):
     _import_library(args.root, args.inter_op)
     import tensorflow as tf
@@ -323,6 +348,20 @@ def print_train(rows):
                   f"peak memory {r['peak_mib']:.0f} vs {base['peak_mib']:.0f} MiB")
 
 
+def print_loop(rows):
+    print("\nThe training loop of bin/iaf.py (train.train on CIFAR-10 train, with its checkpoints): peak memory")
+    head = f"{'code':10s} {'config':14s} {'prec':12s} {'step s':>7s} {'img/s':>6s} {'peak MiB':>8s} {'peak GB':>7s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        label = f"{r['code']:10s} {r['config']:14s} {r['precision']:12s}"
+        if "error" in r:
+            print(f"{label} ERROR {r['error']}")
+            continue
+        print(f"{label} {_fmt(r['step_s'], '7.3f')} {_fmt(r['images_per_s'], '6.2f')} {r['peak_mib']:8.0f} "
+              f"{r['peak_mib'] * 2**20 / 1e9:7.2f}")
+
+
 def print_eval(rows):
     print("\nEvaluation (k=1, eval_batch_size per pass) and importance sampling (1 image, k=2*eval_batch_size)")
     head = (f"{'code':10s} {'config':14s} {'prec':8s} {'eval img/s':>10s} {'GFLOP/s':>7s} {'IS smp/s':>8s} "
@@ -356,7 +395,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="readme_recipe,cpu_quick", help="presets, comma-separated")
     parser.add_argument("--precisions", default="float32,bfloat16")
-    parser.add_argument("--only", default="train,eval,trace", help="any of train,eval,trace")
+    parser.add_argument("--only", default="train,loop,eval,trace", help="any of train,loop,eval,trace")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per config")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
     parser.add_argument("--eval_batches", type=int, default=1)
@@ -378,14 +417,14 @@ def main():
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return {"train": child_train, "eval": child_eval, "trace": child_trace}[args.child](args)
+        return {"train": child_train, "eval": child_eval, "trace": child_trace, "loop": child_loop}[args.child](args)
 
     codes = [] if args.no_current else [("current", Path(args.current).resolve())]
     codes += [("baseline", Path(args.baseline).resolve())] if args.baseline else []
     configs = [c for c in args.configs.split(",") if c]
     precisions = [p for p in args.precisions.split(",") if p]
     only = set(args.only.split(","))
-    results = {"train": [], "eval": [], "trace": []}
+    results = {"train": [], "loop": [], "eval": [], "trace": []}
 
     def tagged(result, **tags):
         result.update(tags)
@@ -403,6 +442,16 @@ def main():
                     results["train"].append(tagged(r, code=code, config=config, precision=precision, variant=name))
                     print(f"  train {code} {config} {name}: {r.get('step_s', r.get('error'))}", file=sys.stderr)
         print_train(results["train"])
+    if "loop" in only:
+        for config in configs:
+            for precision in precisions:
+                for code, root in codes:
+                    if code == "baseline" and precision != "float32" and not args.baseline_all:
+                        continue
+                    r = run_child("loop", root, config, precision, args, args.hpconfig, probe=False)
+                    results["loop"].append(tagged(r, code=code, config=config, precision=precision))
+                    print(f"  loop {code} {config} {precision}: done", file=sys.stderr)
+        print_loop(results["loop"])
     if "eval" in only:
         for config in configs:
             for precision in precisions:
