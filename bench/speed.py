@@ -312,18 +312,25 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_train(rows):
-    print("\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)")
-    head = (f"{'code':10s} {'config':14s} {'prec':12s} {'step s':>7s} {'img/s':>6s} {'GFLOP/img':>9s} "
-            f"{'GFLOP/s':>7s} {'conv f32':>8s} {'conv bf16':>9s} {'ratio':>6s} {'peak MiB':>8s} "
-            f"{'cpu ratio':>9s} {'1st call s':>10s} {'trace s':>7s}")
+def _table(title, head, rows, label):
+    """Prints the title and header; yields (label, row) for the rows without an error, and prints those."""
+    print(title)
     print(head)
     print("-" * len(head))
     for r in rows:
-        label = f"{r['code']:10s} {r['config']:14s} {r.get('variant', r['precision']):12s}"
         if "error" in r:
-            print(f"{label} ERROR {r['error']}")
+            print(f"{label(r)} ERROR {r['error']}")
             continue
+        yield label(r), r
+
+
+def print_train(rows):
+    head = (f"{'code':10s} {'config':14s} {'prec':12s} {'step s':>7s} {'img/s':>6s} {'GFLOP/img':>9s} "
+            f"{'GFLOP/s':>7s} {'conv f32':>8s} {'conv bf16':>9s} {'ratio':>6s} {'peak MiB':>8s} "
+            f"{'cpu ratio':>9s} {'1st call s':>10s} {'trace s':>7s}")
+    for label, r in _table("\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same "
+                           "process)", head, rows,
+                           lambda r: f"{r['code']:10s} {r['config']:14s} {r.get('variant', r['precision']):12s}"):
         conv = r["conv_gflops"]
         ratio = r["gflops"] / conv[r["precision"]] if r["precision"] in conv else None
         cpu_conv = r.get("conv_cpu_gflops", {})
@@ -349,30 +356,20 @@ def print_train(rows):
 
 
 def print_loop(rows):
-    print("\nThe training loop of bin/iaf.py (train.train on CIFAR-10 train, with its checkpoints): peak memory")
     head = f"{'code':10s} {'config':14s} {'prec':12s} {'step s':>7s} {'img/s':>6s} {'peak MiB':>8s} {'peak GB':>7s}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        label = f"{r['code']:10s} {r['config']:14s} {r['precision']:12s}"
-        if "error" in r:
-            print(f"{label} ERROR {r['error']}")
-            continue
+    for label, r in _table("\nThe training loop of bin/iaf.py (train.train on CIFAR-10 train, with its checkpoints): "
+                           "peak memory", head, rows,
+                           lambda r: f"{r['code']:10s} {r['config']:14s} {r['precision']:12s}"):
         print(f"{label} {_fmt(r['step_s'], '7.3f')} {_fmt(r['images_per_s'], '6.2f')} {r['peak_mib']:8.0f} "
               f"{r['peak_mib'] * 2**20 / 1e9:7.2f}")
 
 
 def print_eval(rows):
-    print("\nEvaluation (k=1, eval_batch_size per pass) and importance sampling (1 image, k=2*eval_batch_size)")
     head = (f"{'code':10s} {'config':14s} {'prec':8s} {'eval img/s':>10s} {'GFLOP/s':>7s} {'IS smp/s':>8s} "
             f"{'GFLOP/s':>7s} {'conv f32':>8s} {'conv bf16':>9s} {'peak MiB':>8s}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        label = f"{r['code']:10s} {r['config']:14s} {r['precision']:8s}"
-        if "error" in r:
-            print(f"{label} ERROR {r['error']}")
-            continue
+    for label, r in _table("\nEvaluation (k=1, eval_batch_size per pass) and importance sampling (1 image, "
+                           "k=2*eval_batch_size)", head, rows,
+                           lambda r: f"{r['code']:10s} {r['config']:14s} {r['precision']:8s}"):
         conv = r["conv_gflops"]
         print(f"{label} {r['eval_images_per_s']:10.2f} {r['eval_gflops']:7.1f} {r['is_samples_per_s']:8.2f} "
               f"{r['is_gflops']:7.1f} {_fmt(conv.get('float32'), '8.1f')} {_fmt(conv.get('bfloat16'), '9.1f')} "
@@ -380,15 +377,10 @@ def print_eval(rows):
 
 
 def print_trace(rows):
-    print("\ntf.function tracing of the training step (README recipe, batch 32)")
     head = f"{'code':10s} {'blocks':>6s} {'build s':>7s} {'trace s':>7s} {'peak MiB':>8s}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['code']:10s} ERROR {r['error']}")
-            continue
-        print(f"{r['code']:10s} {r['blocks']:6d} {r['build_s']:7.2f} {r['trace_s']:7.2f} {r['peak_mib']:8.0f}")
+    for label, r in _table("\ntf.function tracing of the training step (README recipe, batch 32)", head, rows,
+                           lambda r: f"{r['code']:10s}"):
+        print(f"{label} {r['blocks']:6d} {r['build_s']:7.2f} {r['trace_s']:7.2f} {r['peak_mib']:8.0f}")
 
 
 def main():
