@@ -39,11 +39,11 @@ class WeightAverages(tf.Module):
         for shadow, var in zip(self.shadows, self._weights.items):
             if not isinstance(shadow, tf.distribute.DistributedValues):
                 # One small function call per variable keeps the training step's graph small.
-                _move_towards(shadow, _tf_variable(var), rate)
+                _move_towards(shadow, tf_variable(var), rate)
                 continue
-            for shadow_copy, var_copy in zip(_copies(shadow), _copies(_tf_variable(var))):
+            for shadow_copy, var_copy in zip(_copies(shadow), _copies(tf_variable(var))):
                 with tf.device(shadow_copy.device):
-                    shadow_copy.assign_sub(rate * (shadow_copy - tf.cast(var_copy, shadow_copy.dtype)))
+                    _move_towards_fn(shadow_copy, var_copy, rate)
 
     def copy_to_weights(self):
         for shadow, var in zip(self.shadows, self._weights.items):
@@ -78,7 +78,7 @@ def _copies(variable):
     return list(variable.values) if isinstance(variable, tf.distribute.DistributedValues) else [variable]
 
 
-def _tf_variable(variable):
+def tf_variable(variable):
     """The tf.Variable (a MirroredVariable under a strategy) behind a Keras 3 variable."""
     return variable.value if isinstance(variable, keras.Variable) else variable
 

@@ -8,6 +8,8 @@ running max *before* taking the max with |grad|, not to the denominator:
 import keras
 import tensorflow as tf
 
+from iaf_tf.ema import tf_variable
+
 
 class OriginalAdamax(keras.optimizers.Optimizer):
 
@@ -35,17 +37,13 @@ class OriginalAdamax(keras.optimizers.Optimizer):
         lr = tf.cast(learning_rate, tf.float32)
         for gradient, variable in zip(grads, trainable_variables):
             first_moment, running_max = self.slots_for(variable)
-            _adamax_update(gradient, _tf_variable(variable), _tf_variable(first_moment), _tf_variable(running_max),
+            _adamax_update(gradient, tf_variable(variable), tf_variable(first_moment), tf_variable(running_max),
                            lr, self.beta_1, self.beta_2, self.epsilon)
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        first_moment, running_max = self.first_moments[index], self.running_maxes[index]
-        gradient = tf.cast(gradient, variable.dtype)
-        lr = tf.cast(learning_rate, variable.dtype)
-        self.assign(first_moment, self.beta_1 * first_moment + (1.0 - self.beta_1) * gradient)
-        self.assign(running_max, tf.maximum(self.beta_2 * running_max + self.epsilon, tf.abs(gradient)))
-        self.assign_sub(variable, lr * first_moment / running_max)
+        first_moment, running_max = self.slots_for(variable)
+        _adamax_update_fn(gradient, tf_variable(variable), tf_variable(first_moment), tf_variable(running_max),
+                          learning_rate, self.beta_1, self.beta_2, self.epsilon)
 
     def slots_for(self, variable):
         """(first moment, running max) of one trainable variable."""
@@ -58,16 +56,13 @@ class OriginalAdamax(keras.optimizers.Optimizer):
         return config
 
 
-def _tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
 def _is_distributed(variable):
-    return isinstance(_tf_variable(variable), tf.distribute.DistributedValues)
+    return isinstance(tf_variable(variable), tf.distribute.DistributedValues)
 
 
 def _adamax_update_fn(gradient, variable, first_moment, running_max, lr, beta_1, beta_2, epsilon):
-    """The ops of OriginalAdamax.update_step, on plain tf.Variables."""
+    """OriginalAdamax's update of one variable and its slots (plain tf.Variables, or under a strategy the
+    variables `extended.update` hands over)."""
     gradient = tf.cast(gradient, variable.dtype)
     lr = tf.cast(lr, variable.dtype)
     first_moment.assign(beta_1 * first_moment + (1.0 - beta_1) * gradient)
