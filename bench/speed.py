@@ -422,37 +422,29 @@ def main():
         result.update(tags)
         return result
 
-    variants = [(p, False) for p in precisions] + ([("float32", True)] if args.jit_compile else [])
-    if "train" in only:
+    def sweep(kind, variants, probe=True):
+        """Runs `kind` for every config, (precision, jit) variant and checkout; the baseline only in plain
+        float32 unless --baseline_all."""
         for config in configs:
             for precision, jit in variants:
                 for code, root in codes:
                     if code == "baseline" and (precision != "float32" or jit) and not args.baseline_all:
                         continue
                     name = precision + ("+xla" if jit else "")
-                    r = run_child("train", root, config, precision, args, args.hpconfig, jit=jit)
-                    results["train"].append(tagged(r, code=code, config=config, precision=precision, variant=name))
-                    print(f"  train {code} {config} {name}: {r.get('step_s', r.get('error'))}", file=sys.stderr)
+                    r = run_child(kind, root, config, precision, args, args.hpconfig, probe=probe, jit=jit)
+                    results[kind].append(tagged(r, code=code, config=config, precision=precision, variant=name))
+                    print(f"  {kind} {code} {config} {name}: {r.get('step_s', r.get('error', 'done'))}",
+                          file=sys.stderr)
+
+    plain = [(p, False) for p in precisions]
+    if "train" in only:
+        sweep("train", plain + ([("float32", True)] if args.jit_compile else []))
         print_train(results["train"])
     if "loop" in only:
-        for config in configs:
-            for precision in precisions:
-                for code, root in codes:
-                    if code == "baseline" and precision != "float32" and not args.baseline_all:
-                        continue
-                    r = run_child("loop", root, config, precision, args, args.hpconfig, probe=False)
-                    results["loop"].append(tagged(r, code=code, config=config, precision=precision))
-                    print(f"  loop {code} {config} {precision}: done", file=sys.stderr)
+        sweep("loop", plain, probe=False)
         print_loop(results["loop"])
     if "eval" in only:
-        for config in configs:
-            for precision in precisions:
-                for code, root in codes:
-                    if code == "baseline" and precision != "float32" and not args.baseline_all:
-                        continue
-                    r = run_child("eval", root, config, precision, args, args.hpconfig)
-                    results["eval"].append(tagged(r, code=code, config=config, precision=precision))
-                    print(f"  eval {code} {config} {precision}: done", file=sys.stderr)
+        sweep("eval", plain)
         print_eval(results["eval"])
     if "trace" in only:
         for blocks in (20, 40):
