@@ -13,13 +13,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
-from iaf_tf import checkpoints, convert, hparams  # noqa: E402
+from iaf_tf import config, convert, errors  # noqa: E402
 
 flags.DEFINE_string("tf1_checkpoint", None, "TF1 checkpoint: a directory or a prefix like model.ckpt-3000.")
 flags.DEFINE_string("logdir", None, "Where to write <logdir>/train/ckpt-<step>.")
 flags.DEFINE_string("hpconfig", "", "Hyper-parameters of the run (the architecture is checked against the "
                     "checkpoint; left empty, it is read off the checkpoint).")
-flags.DEFINE_string("preset", "", "Named preset from hparams/; --hpconfig overrides it.")
+flags.DEFINE_string("preset", "", "Named preset (see bin/iaf.py --helpfull); --hpconfig overrides it.")
 flags.mark_flags_as_required(["tf1_checkpoint", "logdir"])
 
 
@@ -27,13 +27,13 @@ def main(argv):
     del argv
     F = flags.FLAGS
     try:
-        hps = hparams.resolve_hparams(F.preset or None, F.hpconfig) if (F.preset or F.hpconfig) else None
-        path, hps = convert.convert(F.tf1_checkpoint, F.logdir, hps)
-    except (hparams.HParamsError, checkpoints.CheckpointError) as e:
+        given = config.resolve(F.preset or None, F.hpconfig) if (F.preset or F.hpconfig) else None
+        path, cfg = convert.convert(F.tf1_checkpoint, F.logdir, given)
+    except errors.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
-    print(f"hpconfig: {hps.to_string()}")
+    print(f"hpconfig: {cfg.to_hpconfig()}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 and MNIST as uint8 NHWC arrays, and tf.data pipelines over them."""
+"""CIFAR-10 and MNIST files as uint8 NHWC arrays, and the training batches drawn from them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from iaf_tf.distributions import binarize
+from iaf_tf.errors import DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -25,8 +28,6 @@ _MNIST_HOWTO = ("set MNIST_PATH to the folder holding train-images-idx3-ubyte.gz
                 "t10k-images-idx3-ubyte.gz (the official MNIST IDX files)")
 
 
-class DataError(RuntimeError):
-    pass
 
 
 def _check_split(split: str):
@@ -123,7 +124,7 @@ def load_cifar10(split: str, path: str | os.PathLike | None = None,
     try:
         folder = find_cifar10_dir(path)
     except DataError as missing:
-        if not allow_download:
+        if not allow_download or os.environ.get("IAF_TF_NO_DOWNLOAD") == "1":
             raise
         try:
             return _download_cifar10(split)
@@ -165,34 +166,16 @@ def load_mnist(split: str, path: str | os.PathLike | None = None) -> np.ndarray:
     return _load_mnist_file(file, count)
 
 
-def load_images(dataset: str, split: str, path: str | os.PathLike | None = None,
-                allow_download: bool = False) -> np.ndarray:
-    """uint8 NHWC with 32x32 spatial size for every dataset."""
-    if dataset == "cifar10":
-        return load_cifar10(split, path, allow_download=allow_download)
-    if dataset == "mnist":
-        # The model's strided layers need 32x32; zero borders keep digits centred.
-        border = (32 - MNIST_SIZE) // 2
-        return np.pad(load_mnist(split, path), ((0, 0), (border, border), (border, border), (0, 0)))
-    raise ValueError(f"unknown dataset {dataset!r}; expected 'cifar10' or 'mnist'")
+def load_mnist_padded(split: str, path: str | os.PathLike | None = None) -> np.ndarray:
+    """uint8 [N, 32, 32, 1]: the digits centred in zero borders, since the model's strided layers need 32x32."""
+    border = (32 - MNIST_SIZE) // 2
+    return np.pad(load_mnist(split, path), ((0, 0), (border, border), (border, border), (0, 0)))
 
 
-def binarize(images, seed):
-    """uint8 0/255 images with each pixel on with probability pixel / 255, drawn statelessly from `seed`
-    (a [2] int tensor). 0/255 images come back unchanged whatever the seed."""
-    images = tf.convert_to_tensor(images)
-    on = tf.random.stateless_uniform(tf.shape(images), seed) < tf.cast(images, tf.float32) / 255.0
-    return tf.cast(on, tf.uint8) * 255
-
-
-def load_eval_images(dataset: str, split: str, path: str | os.PathLike | None = None,
-                     allow_download: bool = False) -> np.ndarray:
-    """The images likelihoods are reported on: `load_images`, and for MNIST one fixed binarization
-    (training binarizes afresh at every step instead)."""
-    images = load_images(dataset, split, path, allow_download=allow_download)
-    if dataset == "mnist":
-        images = binarize(images, tf.constant(MNIST_EVAL_BINARIZATION_SEED, tf.int64)).numpy()
-    return images
+def binarize_for_evaluation(images: np.ndarray) -> np.ndarray:
+    """The one binarization of MNIST that likelihoods are reported on (training binarizes afresh at
+    every step instead)."""
+    return binarize(images, tf.constant(MNIST_EVAL_BINARIZATION_SEED, tf.int64)).numpy()
 
 
 # ---------------------------------------------------------------- tf.data
@@ -240,19 +223,8 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
             .prefetch(tf.data.AUTOTUNE))
 
 
-def eval_dataset(images: np.ndarray, batch_size: int, num_images: int | None = None) -> tf.data.Dataset:
-    """One pass over the first num_images images in their given order; the last batch may be short."""
-    _check_batch_size(batch_size)
-    if num_images is not None:
-        if not 1 <= num_images <= len(images):
-            raise ValueError(f"num_images must be in 1..{len(images)}, got {num_images}")
-        images = images[:num_images]
-    return tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def check_images(images, image_size: int, dataset: str = "cifar10") -> None:
-    """Raise DataError unless images are uint8 [N, image_size, image_size, C] with C fitting the dataset."""
-    channels = 1 if dataset == "mnist" else 3
+def check_images(images, image_size: int, channels: int, dataset: str) -> None:
+    """Raise DataError unless images are uint8 [N, image_size, image_size, channels]."""
     expected = (image_size, image_size, channels)
     if getattr(images, "dtype", None) != np.uint8 or getattr(images, "ndim", 0) != 4 \
             or tuple(images.shape[1:]) != expected:

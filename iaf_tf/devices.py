@@ -6,6 +6,8 @@ import os
 
 import tensorflow as tf
 
+from iaf_tf.errors import ConfigError
+
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
@@ -74,9 +76,9 @@ def replica_devices(num_gpus, cpu_replicas=0):
         if not gpus and num_gpus >= 1:
             if num_gpus == 1:
                 return [tf.config.list_logical_devices("CPU")[0].name]
-            raise ValueError(
+            raise ConfigError(
                 f"--num_gpus={num_gpus} but this host has no GPU. Use --num_gpus=1 to train on the CPU, or "
                 f"--cpu_replicas={num_gpus} to run {num_gpus} replicas on logical CPU devices (testing only).")
-        raise ValueError(f"--num_gpus={num_gpus} but only {len(gpus)} GPU(s) are visible: "
+        raise ConfigError(f"--num_gpus={num_gpus} but only {len(gpus)} GPU(s) are visible: "
                          + ", ".join(d.name for d in gpus))
     return [d.name for d in gpus[:num_gpus]]

@@ -10,6 +10,9 @@ import math
 import tensorflow as tf
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# The likelihood families of a dataset spec (iaf_tf.datasets).
+DISCRETIZED_LOGISTIC = "discretized_logistic"
+BERNOULLI = "bernoulli"
 BIN_SIZE = 1.0 / 256.0
 
 
@@ -57,3 +60,11 @@ def importance_sampled_nll(log_pxz, kl_cost, k):
 def bits_per_dim(total_nll, num_images, num_dims):
     """The original's report: summed negative log-likelihood in nats over images * dimensions * ln 2."""
     return total_nll / (math.log(2.0) * num_dims * num_images)
+
+
+def binarize(images, seed):
+    """uint8 0/255 images with each pixel on with probability pixel / 255, drawn statelessly from `seed`
+    (a [2] int tensor): the Bernoulli likelihood's inputs. 0/255 images come back unchanged whatever the seed."""
+    images = tf.convert_to_tensor(images)
+    on = tf.random.stateless_uniform(tf.shape(images), seed) < tf.cast(images, tf.float32) / 255.0
+    return tf.cast(on, tf.uint8) * 255

@@ -4,10 +4,9 @@
 the original's: shadow <- shadow - (1 - decay) * (shadow - weight), constant decay.
 """
 
-import contextlib
-
-import keras
 import tensorflow as tf
+
+from iaf_tf.variables import Untracked, tf_variable
 
 
 class WeightAverages(tf.Module):
@@ -16,27 +15,27 @@ class WeightAverages(tf.Module):
         super().__init__(name=name)
         self.decay = decay
         # Not tracked: the weights belong to the model in checkpoints; this only points at them.
-        self._weights = _Untracked(variables)
+        self._weights = Untracked(list(variables))
         # Created under the caller's strategy scope, so they are mirrored like the weights.
         self.shadows = [tf.Variable(tf.convert_to_tensor(v), trainable=False, name=_short_name(v))
-                        for v in self._weights.items]
+                        for v in self._weights.value]
 
     def shadow_for(self, variable):
-        for shadow, var in zip(self.shadows, self._weights.items):
+        for shadow, var in zip(self.shadows, self._weights.value):
             if var is variable:
                 return shadow
         raise KeyError(f"no moving average for {getattr(variable, 'path', variable.name)}")
 
     def reset(self):
         """Start the averages at the current weights (after the data-dependent init)."""
-        for shadow, var in zip(self.shadows, self._weights.items):
+        for shadow, var in zip(self.shadows, self._weights.value):
             shadow.assign(tf.convert_to_tensor(var))
 
     def update(self):
         """Call in cross-replica context (or without a strategy): each device's copy of a shadow moves
         towards the same device's copy of its weight, so no cross-device traffic."""
         rate = 1.0 - self.decay
-        for shadow, var in zip(self.shadows, self._weights.items):
+        for shadow, var in zip(self.shadows, self._weights.value):
             if not isinstance(shadow, tf.distribute.DistributedValues):
                 # One small function call per variable keeps the training step's graph small.
                 _move_towards(shadow, tf_variable(var), rate)
@@ -46,19 +45,8 @@ class WeightAverages(tf.Module):
                     _move_towards_fn(shadow_copy, var_copy, rate)
 
     def copy_to_weights(self):
-        for shadow, var in zip(self.shadows, self._weights.items):
+        for shadow, var in zip(self.shadows, self._weights.value):
             var.assign(tf.convert_to_tensor(shadow))
-
-    @contextlib.contextmanager
-    def averaged_weights(self):
-        """Temporarily swap the averages into the weights (e.g. to evaluate mid-training)."""
-        saved = [tf.identity(tf.convert_to_tensor(v)) for v in self._weights.items]
-        self.copy_to_weights()
-        try:
-            yield
-        finally:
-            for value, var in zip(saved, self._weights.items):
-                var.assign(value)
 
 
 def _move_towards_fn(shadow, variable, rate):
@@ -68,19 +56,9 @@ def _move_towards_fn(shadow, variable, rate):
 _move_towards = tf.function(_move_towards_fn, reduce_retracing=True, experimental_attributes={"_noinline": True})
 
 
-class _Untracked:
-    def __init__(self, items):
-        self.items = list(items)
-
-
 def _copies(variable):
     """Per-device components of a mirrored variable, or the variable itself."""
     return list(variable.values) if isinstance(variable, tf.distribute.DistributedValues) else [variable]
-
-
-def tf_variable(variable):
-    """The tf.Variable (a MirroredVariable under a strategy) behind a Keras 3 variable."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def _short_name(variable):

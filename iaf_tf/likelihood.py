@@ -5,13 +5,10 @@ chunk by chunk into a running log-sum-exp, so k = 10,000 costs time, not memory.
 """
 
 import math
-import time
 
 import numpy as np
 import tensorflow as tf
 import tqdm
-
-from iaf_tf import distributions as dist
 
 
 def plan_chunks(k, max_batch):
@@ -30,7 +27,7 @@ class Evaluator:
 
     def _log_weights_fn(self, images, seed, samples):
         out = self.model(images, seed, k=samples)
-        return tf.reshape(out["log_pxz"] - out["kl_cost"], [tf.shape(images)[0], samples])
+        return tf.reshape(out["log_pxz"] - out["kl"], [tf.shape(images)[0], samples])
 
     def nll(self, images, k=1, seed=0, max_batch=100, progress=False, desc="eval"):
         """Per-image -log p(x) bound (nats) for uint8 images [N, H, W, C]."""
@@ -51,9 +48,3 @@ class Evaluator:
             result[start:start + per_pass] = -(total.numpy().astype(np.float64) - math.log(k))
         bar.close()
         return result
-
-    def bits_per_dim(self, images, k=1, seed=0, max_batch=100, progress=False, desc="eval"):
-        """Returns (bits/dim, seconds)."""
-        begin = time.time()
-        nll = self.nll(images, k, seed, max_batch, progress, desc)
-        return float(dist.bits_per_dim(nll.sum(), len(nll), self.model.num_dims)), time.time() - begin

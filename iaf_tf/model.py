@@ -11,14 +11,13 @@ import math
 import keras
 import tensorflow as tf
 
-from iaf_tf import data as data_lib
 from iaf_tf import distributions as dist
 from iaf_tf.layers import ARMultiConv, WNConv2D
 
 # Residual branches and IAF shifts are scaled down by this constant in the original.
 RESIDUAL_SCALE = 0.1
 IAF_SCALE = 0.1
-# Fold-in index of MNIST's binarization noise: apart from the blocks' noise streams 0, 1, ...
+# Fold-in index of the Bernoulli inputs' binarization noise: apart from the blocks' noise streams 0, 1, ...
 BINARIZE_STREAM = 1 << 20
 
 
@@ -38,16 +37,6 @@ def input_to_unit_range(x):
     return tf.clip_by_value((x + 0.5) / 256.0, 0.0, 1.0) - 0.5
 
 
-def free_bits_kl(kl_cost, kl_min):
-    """Per-image KL objective with the original's free bits: each channel's KL, summed over positions
-    and averaged over the batch, is floored at kl_min; every image is charged the floored total."""
-    if kl_min <= 0:
-        return tf.reduce_sum(kl_cost, axis=[1, 2, 3])
-    per_channel = tf.reduce_mean(tf.reduce_sum(kl_cost, axis=[1, 2]), axis=0)
-    total = tf.reduce_sum(tf.maximum(per_channel, kl_min))
-    return tf.fill([tf.shape(kl_cost)[0]], total)
-
-
 def _in_own_scope(method):
     """Run a layer method (not __call__) inside the layer's name scope, so that the sublayers it builds
     get paths like cvae/IAF_0_1/up_conv1/V rather than colliding at cvae/up_conv1/V."""
@@ -62,7 +51,7 @@ class IAFBlock(keras.layers.Layer):
     """One stochastic layer: a bottom-up residual block that emits q(z|x) statistics, and a top-down
     residual block with the prior and (for `down_*` posteriors) the posterior and its IAF step.
 
-    `hps.posterior` is `<where>_<flow>` as in the original's Theano system:
+    `model_config.posterior` is `<where>_<flow>` as in the original's Theano system:
 
     - `down_*` (the TF1 model): q is the Gaussian with the sum of the bottom-up and top-down parameters,
       sampled in the top-down pass; the IAF network's context is the sum of a bottom-up and a top-down
@@ -79,19 +68,18 @@ class IAFBlock(keras.layers.Layer):
     choices: ELU nonlinearities, the TF1 channel layouts and the TF1 data-dependent init.
     """
 
-    def __init__(self, hps, downsample, **kwargs):
+    def __init__(self, model_config, downsample, conv_dtype=tf.float32, **kwargs):
         super().__init__(**kwargs)
-        self.hps = hps
+        self.h_size, self.z_size = h, z = model_config.h_size, model_config.z_size
         self.downsample = downsample
-        h, z = hps.h_size, hps.z_size
-        self.posterior = hps.posterior
+        self.posterior = model_config.posterior
         where, self.flow = self.posterior.split("_", 1)  # flow: diag, iaf1_nl or iaf2_nl
         self.bottom_up = where == "up"
-        self.context_size = h if self.flow != "diag" and hps.depth_ar > 0 else 0
+        self.context_size = h if self.flow != "diag" and model_config.depth_ar > 0 else 0
         stride = (2, 2) if downsample else (1, 1)
         # Mixed precision: the block's convolutions and the activations between them in bfloat16; the
         # residual stream, the Gaussians and the KL stay float32.
-        self.conv_dtype = tf.bfloat16 if hps.mixed_precision else tf.float32
+        self.conv_dtype = tf.as_dtype(conv_dtype)
         conv = dict(conv_dtype=self.conv_dtype)
         self.up_conv1 = WNConv2D(2 * z + self.context_size + h, strides=stride, name="up_conv1", **conv)
         self.up_conv3 = WNConv2D(h, name="up_conv3", **conv)
@@ -99,7 +87,7 @@ class IAFBlock(keras.layers.Layer):
         self.down_conv1 = WNConv2D(2 * z + posterior_size + h, name="down_conv1", **conv)
         if self.flow != "diag":
             heads = [z, z] if self.flow == "iaf2_nl" else [z]
-            self.ar = ARMultiConv(z, [h] * hps.depth_ar, heads, use_context=self.context_size > 0,
+            self.ar = ARMultiConv(z, [h] * model_config.depth_ar, heads, use_context=self.context_size > 0,
                                   name="ar_multiconv2d", **conv)
         if downsample:
             self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2", **conv)
@@ -128,7 +116,7 @@ class IAFBlock(keras.layers.Layer):
     def up(self, x, noise=None, init=False):
         """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
         (z, log q(z)) for up_* ones, which need `noise`."""
-        h, z_size = self.hps.h_size, self.hps.z_size
+        h, z_size = self.h_size, self.z_size
         out = self.up_conv1(self._elu(x), init=init)
         qz_mean, qz_logsd, context, hidden = tf.split(out, [z_size, z_size, self.context_size, h], axis=-1)
         qz_mean, qz_logsd = self._float32(qz_mean, qz_logsd)
@@ -147,8 +135,8 @@ class IAFBlock(keras.layers.Layer):
 
     @_in_own_scope
     def down(self, x, up_stats, noise, sample_prior=False, init=False):
-        """Returns (output, per-image KL objective, per-image KL cost); the KLs are None when sampling."""
-        h, z_size = self.hps.h_size, self.hps.z_size
+        """Returns (output, KL map log q(z|x) - log p(z) [n, h, w, z]); the map is None when sampling."""
+        h, z_size = self.h_size, self.z_size
         out = self.down_conv1(self._elu(x), init=init)
         if self.bottom_up:
             pz_mean, pz_logsd, h_det = tf.split(out, [z_size, z_size, h], axis=-1)
@@ -158,7 +146,7 @@ class IAFBlock(keras.layers.Layer):
             rz_mean, rz_logsd = self._float32(rz_mean, rz_logsd)
         pz_mean, pz_logsd = self._float32(pz_mean, pz_logsd)
 
-        kl_obj = kl_cost = None
+        kl_map = None
         if sample_prior:
             z = dist.gaussian_sample(pz_mean, pz_logsd, noise)
         else:
@@ -172,13 +160,11 @@ class IAFBlock(keras.layers.Layer):
                 log_q = dist.gaussian_log_density(z, post_mean, post_logsd)
                 z, log_q = self.iaf(z, log_q, up_context + down_context, init=init)
             kl_map = log_q - dist.gaussian_log_density(z, pz_mean, pz_logsd)
-            kl_obj = free_bits_kl(kl_map, self.hps.kl_min)
-            kl_cost = tf.reduce_sum(kl_map, axis=[1, 2, 3])
 
         hidden = tf.nn.elu(tf.concat([tf.cast(z, h_det.dtype), h_det], axis=-1))
         if self.downsample:
             x = resize_nearest(x, 2)
-        return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_obj, kl_cost
+        return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_map
 
     def named_convs(self):
         convs = {c.name: c for c in (self.up_conv1, self.up_conv3, self.down_conv1, self.down_conv2)}
@@ -187,56 +173,58 @@ class IAFBlock(keras.layers.Layer):
         return convs
 
 
-def image_channels(dataset):
-    return 1 if dataset == "mnist" else 3
-
-
 class CVAE(keras.Model):
-    """The whole model. `call` returns the quantities the original computes, per image of the k-fold
-    repeated batch (each image repeated k times consecutively).
+    """The whole model, for one dataset spec (iaf_tf.datasets). `call` returns, per image of the k-fold
+    repeated batch (each image repeated k times consecutively), the likelihood and the KL of each
+    stochastic layer; the training objective is made from them in train.loss_fn.
 
-    With dataset=mnist (the Theano system's `px=bernoulli`) the uint8 grey levels are binarized inside
-    `call` by a Bernoulli draw keyed by `seed` (so every training step sees a fresh binarization; an
-    image that is already 0/255 stays as it is, which is how a fixed evaluation binarization goes
-    through), the decoder's single output channel is a logit map and `log_pxz` is the Bernoulli
-    log-likelihood of the 28x28 digit: unlike the Theano code, the zero border that pads MNIST to
-    32x32 is seen by the encoder but not scored, so the NLL is in nats per MNIST image. The Bernoulli
-    is evaluated from the logits (no clipping of probabilities to [1e-7, 1 - 1e-7] as in Theano);
-    `dec_log_stdv` exists but is unused (it gets no gradient and stays 0).
+    With the Bernoulli likelihood (binarized MNIST, the Theano system's `px=bernoulli`) the uint8 grey
+    levels are binarized inside `call` by a Bernoulli draw keyed by `seed` (so every training step sees a
+    fresh binarization; an image that is already 0/255 stays as it is, which is how a fixed evaluation
+    binarization goes through), the decoder's single output channel is a logit map and `log_pxz` is the
+    Bernoulli log-likelihood inside the spec's border: unlike the Theano code, the zero border that pads
+    MNIST to 32x32 is seen by the encoder but not scored, so the NLL is in nats per MNIST image. The
+    Bernoulli is evaluated from the logits (no clipping of probabilities to [1e-7, 1 - 1e-7] as in
+    Theano); `dec_log_stdv` exists but is unused (it gets no gradient and stays 0).
 
-    With hps.mixed_precision the IAF blocks compute in bfloat16 (see IAFBlock). The input and output
+    With mixed_precision the IAF blocks compute in bfloat16 (see IAFBlock). The input and output
     convolutions stay float32: they cost little, and the decoder's mean has to resolve 1/256-wide bins,
     which bfloat16 cannot do near +-0.5.
     """
 
-    def __init__(self, hps, **kwargs):
+    def __init__(self, config, spec, **kwargs):
         super().__init__(**kwargs)
-        self.hps = hps
-        self.channels = image_channels(hps.dataset)
-        self.x_enc = WNConv2D(hps.h_size, (5, 5), (2, 2), name="x_enc")
+        self.model_config = model_config = config.model
+        self.spec = spec
+        self.image_size = config.data.image_size
+        self.channels = spec.channels
+        self.border = spec.border
+        self.bernoulli = spec.likelihood == dist.BERNOULLI
+        self.num_dims = spec.num_dims(self.image_size)  # dimensions that the likelihood scores
+        conv_dtype = tf.bfloat16 if config.runtime.mixed_precision else tf.float32
+        self.x_enc = WNConv2D(model_config.h_size, (5, 5), (2, 2), name="x_enc")
         self.blocks = []
         self.block_index = []  # (level, block) of each entry of self.blocks, bottom-up
-        for i, num_blocks in enumerate(hps.level_depths):
+        for i, num_blocks in enumerate(model_config.level_depths):
             for j in range(num_blocks):
-                self.blocks.append(IAFBlock(hps, downsample=(i > 0 and j == 0), name=f"IAF_{i}_{j}"))
+                self.blocks.append(IAFBlock(model_config, downsample=(i > 0 and j == 0), conv_dtype=conv_dtype,
+                                            name=f"IAF_{i}_{j}"))
                 self.block_index.append((i, j))
         self.x_dec = WNConv2D(self.channels, (5, 5), (2, 2), transpose=True, name="x_dec")
-        self.h_top = self.add_weight(name="h_top", shape=[hps.h_size], initializer="zeros", aggregation="mean")
-        self.bernoulli = hps.dataset == "mnist"
+        self.h_top = self.add_weight(name="h_top", shape=[model_config.h_size], initializer="zeros",
+                                     aggregation="mean")
         # The Bernoulli does not read it, but every model keeps the same set of named variables.
         self.dec_log_stdv = self.add_weight(name="dec_log_stdv", shape=[], initializer="zeros",
                                             aggregation="mean")
-        self.top_size = hps.image_size // 2 ** len(hps.level_depths)
-        self.border = (hps.image_size - data_lib.MNIST_SIZE) // 2 if self.bernoulli else 0
+        self.top_size = self.image_size // 2 ** len(model_config.level_depths)
+
+    def score(self, nll):
+        """The dataset's reported number (bits/dim or nats/image) for per-image NLLs in nats."""
+        return self.spec.score(nll, self.image_size)
 
     def build(self, input_shape=None):
         # Variables are created by the first call (see build_for); nothing to do from a shape alone.
         self.built = True
-
-    @property
-    def num_dims(self):
-        """Dimensions that the likelihood scores."""
-        return self.channels * (self.hps.image_size - 2 * self.border) ** 2
 
     def _noise(self, seed, index, shape, temperature=1.0):
         noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
@@ -258,14 +246,16 @@ class CVAE(keras.Model):
     def _log_likelihood(self, location, x):
         if not self.bernoulli:
             return dist.discretized_logistic_log_prob(location, self.dec_log_stdv, x)
-        b = self.border
-        size = self.hps.image_size
+        b, size = self.border, self.image_size
         inside = (slice(None), slice(b, size - b), slice(b, size - b))
         return dist.bernoulli_log_prob(location[inside], tf.cast(x[inside] > 0, tf.float32))
 
     def call(self, images, seed, k=1, init=False):
+        """uint8 images [n, H, W, C] -> {"mean": decoder means [n*k, H, W, C], "log_pxz": [n*k],
+        "kl_layers": per layer (bottom-up) the map log q(z|x) - log p(z) [n*k, h, w, z_size],
+        "kl": [n*k] their sum (the KL cost)}."""
         if self.bernoulli:
-            images = data_lib.binarize(images, tf.random.experimental.stateless_fold_in(seed, BINARIZE_STREAM))
+            images = dist.binarize(images, tf.random.experimental.stateless_fold_in(seed, BINARIZE_STREAM))
         x = input_to_unit_range(images)
         if k > 1:
             x = tf.repeat(x, k, axis=0)
@@ -279,27 +269,18 @@ class CVAE(keras.Model):
             up_stats.append(stats)
 
         h = self._top(n)
-        kl_obj_layers, kl_cost_layers = [], []
+        kl_layers = [None] * len(self.blocks)
         for index in reversed(range(len(self.blocks))):
             block, stats = self.blocks[index], up_stats[index]
             noise = None if block.bottom_up else self._noise(seed, index, tf.shape(stats[0]))
-            h, kl_obj, kl_cost = block.down(h, stats, noise, init=init)
-            kl_obj_layers.insert(0, kl_obj)
-            kl_cost_layers.insert(0, kl_cost)
+            h, kl_layers[index] = block.down(h, stats, noise, init=init)
 
         mean, location = self._decode(h, init=init)
-        log_pxz = self._log_likelihood(location, x)
-        kl_obj, kl_cost = tf.add_n(kl_obj_layers), tf.add_n(kl_cost_layers)
         return {
             "mean": mean,
-            "log_pxz": log_pxz,
-            "kl_obj": kl_obj,
-            "kl_cost": kl_cost,
-            "kl_obj_layers": kl_obj_layers,
-            "kl_cost_layers": kl_cost_layers,
-            # The training objective of the original: summed over this batch.
-            "objective": tf.reduce_sum(kl_obj - log_pxz),
-            "nll": dist.importance_sampled_nll(log_pxz, kl_cost, k),
+            "log_pxz": self._log_likelihood(location, x),
+            "kl_layers": kl_layers,
+            "kl": tf.add_n([tf.reduce_sum(kl_map, axis=[1, 2, 3]) for kl_map in kl_layers]),
         }
 
     def initialize(self, images, seed):
@@ -307,8 +288,8 @@ class CVAE(keras.Model):
         self(images, seed, init=True)
 
     def _z_shape(self, n, index):
-        size = self.hps.image_size // 2 ** (self.block_index[index][0] + 1)
-        return [n, size, size, self.hps.z_size]
+        size = self.image_size // 2 ** (self.block_index[index][0] + 1)
+        return [n, size, size, self.model_config.z_size]
 
     def sample(self, num_images, seed, temperature=1.0):
         """Decoder means for z drawn from the prior, in [-0.5, 0.5]."""
@@ -316,12 +297,12 @@ class CVAE(keras.Model):
         for index in reversed(range(len(self.blocks))):
             block = self.blocks[index]
             noise = self._noise(seed, index, self._z_shape(num_images, index), temperature)
-            h, _, _ = block.down(h, None, noise, sample_prior=True)
+            h, _ = block.down(h, None, noise, sample_prior=True)
         return self._decode(h)[0]
 
     def build_for(self, batch_size=1):
         """Create every variable (Keras 3 can only restore into built models)."""
-        images = tf.zeros([batch_size, self.hps.image_size, self.hps.image_size, self.channels], tf.uint8)
+        images = tf.zeros([batch_size, self.image_size, self.image_size, self.channels], tf.uint8)
         self(images, tf.constant([0, 0], tf.int32))
         return self
 

@@ -8,7 +8,7 @@ running max *before* taking the max with |grad|, not to the denominator:
 import keras
 import tensorflow as tf
 
-from iaf_tf.ema import tf_variable
+from iaf_tf.variables import tf_variable
 
 
 class OriginalAdamax(keras.optimizers.Optimizer):

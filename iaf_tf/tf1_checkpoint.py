@@ -1,4 +1,4 @@
-"""Read checkpoints written by the original TF1 code and load them into the Keras model.
+"""Read checkpoints written by the original TF1 code (iaf_tf.checkpoints.restore loads them into a model).
 
 The original saves each weight as `model/<scope>/<V|g|b>` (plus `model/h_top`, `model/dec_log_stdv`,
 `model/global_step`); its Adamax slots and moving averages sit under an extra leading scope, so they are
@@ -8,13 +8,11 @@ matter here.
 """
 
 import dataclasses
-import os
 import re
 
-import numpy as np
 import tensorflow as tf
 
-from iaf_tf.checkpoints import CheckpointError, named_variables
+from iaf_tf.errors import CheckpointError
 
 _PREFIX = "model/"
 _BLOCK = re.compile(r"^IAF_(\d+)_(\d+)/")
@@ -49,20 +47,8 @@ class TF1Checkpoint:
         return {"level_depths": level_depths, "h_size": h_size, "z_size": z_size, "depth_ar": depth_ar}
 
 
-def _resolve_prefix(path):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        prefix = tf.train.latest_checkpoint(path)
-        if prefix is None:
-            raise CheckpointError(f"no checkpoint found in {path} (expected a 'checkpoint' file or model.ckpt-N.index)")
-        return prefix
-    if os.path.exists(path + ".index"):
-        return path
-    raise CheckpointError(f"no checkpoint at {path}: give a directory holding one or a prefix like model.ckpt-3000")
-
-
-def read_tf1_checkpoint(path):
-    prefix = _resolve_prefix(path)
+def read(prefix):
+    """The TF1 checkpoint at `prefix` (see iaf_tf.checkpoints.resolve)."""
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
@@ -92,34 +78,13 @@ def read_tf1_checkpoint(path):
                          slots["Adamax_1"], global_step)
 
 
-def check_compatible(ckpt, hps):
+def check_compatible(ckpt, model_config):
     """Raise CheckpointError naming each hyper-parameter the checkpoint contradicts."""
     arch = ckpt.architecture()
-    wanted = {"level_depths": list(hps.level_depths), "h_size": hps.h_size, "z_size": hps.z_size,
-              "depth_ar": hps.depth_ar}
+    wanted = {"level_depths": list(model_config.level_depths), "h_size": model_config.h_size,
+              "z_size": model_config.z_size, "depth_ar": model_config.depth_ar}
     wrong = [f"{key}: checkpoint has {arch[key]}, hparams say {wanted[key]}" for key in wanted
              if arch[key] != wanted[key]]
     if wrong:
         raise CheckpointError(f"{ckpt.path} was written by another configuration: " + "; ".join(wrong)
                               + ". Pass matching --hpconfig values (e.g. depth, num_blocks, h_size, z_size).")
-
-
-def load_into_model(model, ckpt, weights="ema"):
-    """Assign the checkpoint's raw ("raw") or moving-average ("ema") weights to a built model."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    check_compatible(ckpt, model.hps)
-    source = ckpt.ema if weights == "ema" else ckpt.weights
-    variables = named_variables(model)
-    missing = sorted(set(variables) - set(source))
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: no {weights} values for {missing[:8]}")
-    unused = sorted(set(ckpt.weights) - set(variables))
-    if unused:
-        raise CheckpointError(f"{ckpt.path}: weights the model has no place for: {unused[:8]}")
-    for name, var in variables.items():
-        value = np.asarray(source[name])
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"{ckpt.path}: {name} has shape {value.shape}, the model expects {tuple(var.shape)}")
-        var.assign(value)
-    return variables

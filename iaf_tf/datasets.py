@@ -1,0 +1,81 @@
+"""The datasets, one spec each: what the model, training and evaluation need to know about a dataset.
+
+Nothing outside this module tests a dataset's name; BUILD.md ("Adding a dataset") says what a new one
+costs: a loader in data.py and an entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from iaf_tf import data
+from iaf_tf import distributions as dist
+
+from iaf_tf.distributions import BERNOULLI, DISCRETIZED_LOGISTIC
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    image_size: int          # height and width of what the loaders return
+    border: int              # rows and columns on each side that the likelihood does not score
+    likelihood: str          # DISCRETIZED_LOGISTIC (uint8 levels) or BERNOULLI (inputs binarized to 0/255)
+    unit: str                # how a score is reported: "bits_per_dim" or "nats_per_image"
+    # (split, folder or None, allow_download) -> uint8 [N, image_size, image_size, channels]
+    load_train_images: Callable[..., np.ndarray]
+    # The same for the images that likelihoods are reported on (e.g. one fixed binarization).
+    load_eval_images: Callable[..., np.ndarray]
+
+    def load(self, split: str, image_size: int, path=None, allow_download=False, evaluation=False) -> np.ndarray:
+        """The split's images (those scored by evaluation when `evaluation`), checked against image_size."""
+        loader = self.load_eval_images if evaluation else self.load_train_images
+        images = loader(split, path, allow_download)
+        data.check_images(images, image_size, self.channels, self.name)
+        return images
+
+    def num_dims(self, image_size: int) -> int:
+        """Dimensions the likelihood scores per image."""
+        return self.channels * (image_size - 2 * self.border) ** 2
+
+    def score(self, nll, image_size: int):
+        """The reported number (a scalar tensor, in `unit`) for per-image NLLs in nats."""
+        nll = tf.convert_to_tensor(nll)
+        if self.unit == "nats_per_image":
+            return tf.reduce_mean(nll)
+        return dist.bits_per_dim(tf.reduce_sum(nll), tf.cast(tf.size(nll), nll.dtype), self.num_dims(image_size))
+
+
+def _mnist_train_images(split, path=None, allow_download=False):
+    del allow_download  # MNIST is never downloaded
+    return data.load_mnist_padded(split, path)
+
+
+def _mnist_eval_images(split, path=None, allow_download=False):
+    return data.binarize_for_evaluation(_mnist_train_images(split, path, allow_download))
+
+
+REGISTRY = {
+    "cifar10": DatasetSpec(
+        name="cifar10", channels=3, image_size=32, border=0, likelihood=DISCRETIZED_LOGISTIC,
+        unit="bits_per_dim", load_train_images=data.load_cifar10, load_eval_images=data.load_cifar10),
+    # The Theano system's binarized MNIST: digits padded with zeros to 32x32 (the strided layers need it),
+    # binarized afresh at every training step, scored on the 28x28 digit only, reported in nats per image.
+    "mnist": DatasetSpec(
+        name="mnist", channels=1, image_size=32, border=(32 - data.MNIST_SIZE) // 2, likelihood=BERNOULLI,
+        unit="nats_per_image", load_train_images=_mnist_train_images, load_eval_images=_mnist_eval_images),
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> DatasetSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,22 @@
+"""The errors a user can cause. bin/iaf.py prints these as one `error:` line; any other exception is a bug
+and keeps its traceback."""
+
+
+class UserError(Exception):
+    """Bad input: the message names what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting, hpconfig entry or preset that cannot be used."""
+
+
+class DataError(UserError, RuntimeError):
+    """A dataset that is missing, incomplete or corrupt."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be found, read, or does not fit the model."""
+
+
+class NonFiniteError(UserError, RuntimeError):
+    """Training met more consecutive non-finite steps than max_skips allows."""
