@@ -53,5 +53,10 @@ def run():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import app, flags
 
+    from iaf_tf import config
+
     define_flags(flags)
+    # absl's --help lists the main module's flags; ours are defined here, so make them the main module's.
+    for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
     app.run(lambda argv: main(argv, flags.FLAGS))

@@ -258,9 +258,13 @@ class Config:
 
     def to_hpconfig(self) -> str:
         """The hyper-parameters in the --hpconfig syntax (parse() reads it back)."""
-        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.hparams().items())
+        return ",".join(f"{k}={_format(v)}" for k, v in self.hparams().items())
 
     __repr__ = __str__ = to_hpconfig
+
+
+def _format(value):
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _label(s):
@@ -315,8 +319,9 @@ def resolve(preset: str | None = None, hpconfig: str = "", **settings) -> Config
 
 def define_flags(flags):
     """Define an absl flag for every flag setting, with its default and help from here."""
-    flags.DEFINE_string("hpconfig", "", "Hyper-parameters: key=value,key=value (keys: "
-                        f"{', '.join(HPARAM_KEYS)}; see --helpfull for each).")
+    keys = "\n".join(f"{name} ({SETTINGS[name].section}, default {_format(SETTINGS[name].default) or '(empty)'}): "
+                     f"{SETTINGS[name].help}" for name in HPARAM_KEYS)
+    flags.DEFINE_string("hpconfig", "", f"Hyper-parameters: key=value,key=value, with these keys:\n{keys}")
     flags.DEFINE_string("preset", "", f"Named preset ({', '.join(list_presets())}); --hpconfig overrides it.")
     for s in SETTINGS.values():
         if not s.flag:
