@@ -1,11 +1,16 @@
-"""What bin/iaf.py and the `iaf-tf` command run: flags in, library calls out, user errors as one line."""
+"""What bin/iaf.py and the `iaf-tf` command run: flags in, library calls out, and every way a run can end
+as a documented exit code with at most one `error:` line (README, "Exit codes")."""
 
+import contextlib
 import os
+import signal
 import sys
+import traceback
 
-from iaf_tf import errors  # no TensorFlow: its log level is set in run() before TensorFlow is imported
+from iaf_tf import errors  # no TensorFlow here: its log level is set in run() before it is imported
 
 MODES = ["train", "eval_test", "eval_train", "sample"]
+EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_BUG = 2, 3, 1
 
 
 def define_flags(flags):
@@ -16,12 +21,13 @@ def define_flags(flags):
 
 
 def _run(mode, cfg):
-    from iaf_tf import evaluate, train
+    from iaf_tf import evaluate, files, train
     from iaf_tf.devices import configure_cpu
 
     runtime = cfg.runtime
     if runtime.cpu_replicas and runtime.cpu_replicas != runtime.num_gpus:
         raise errors.ConfigError(f"--cpu_replicas={runtime.cpu_replicas} must equal --num_gpus={runtime.num_gpus}")
+    files.check_writable(os.path.join(runtime.logdir, "train" if mode == "train" else mode))
     configure_cpu(max(1, runtime.cpu_replicas), intra_op_threads=runtime.threads)
     if mode == "train":
         train.train(cfg)
@@ -31,32 +37,77 @@ def _run(mode, cfg):
         evaluate.run_eval(cfg, mode.split("_", 1)[1], progress=sys.stderr.isatty())
 
 
-def main(argv, flag_values):
-    from iaf_tf import config
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise errors.Interrupted wherever the run is (the training loop catches them
+    itself, to save a checkpoint and exit 0)."""
+    def interrupt(signum, _frame):
+        raise errors.Interrupted(signum)
 
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv, flag_values):
+    """Run one mode; returns the exit code."""
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        return 2
-    try:
-        _run(flag_values.mode, config.from_flags(flag_values))
-    except errors.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except errors.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    with _signals_raise():
+        try:
+            from iaf_tf import config
+
+            _quiet_python_logs(flag_values)
+            _run(flag_values.mode, config.from_flags(flag_values))
+        except errors.Interrupted as e:
+            return _interrupted(e)
+        except errors.NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NON_FINITE
+        except errors.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except Exception:
+            traceback.print_exc()
+            print("error: this is a bug in iaf-tf, not something you did; please report it with the traceback "
+                  "above and the command line", file=sys.stderr)
+            return EXIT_BUG
     return 0
+
+
+def _interrupted(e):
+    print(f"error: stopped by {signal.Signals(e.signum).name} before the run finished; nothing half-written "
+          "is left", file=sys.stderr)
+    return 128 + e.signum
+
+
+def _quiet_python_logs(flag_values):
+    """No INFO lines from TensorFlow or absl unless --verbosity asks for them."""
+    from absl import logging
+
+    if not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def run():
     """The `iaf-tf` console command (the same flags as bin/iaf.py)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from absl import app, flags
+    # TensorFlow's C++ log: level 3 also hides the cuInit failure of every host without a GPU (README,
+    # "Log lines"); set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _signals_raise():
+        try:
+            from absl import app, flags
 
-    from iaf_tf import config
+            from iaf_tf import config
 
-    define_flags(flags)
-    # absl's --help lists the main module's flags; ours are defined here, so make them the main module's.
-    for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    app.run(lambda argv: main(argv, flags.FLAGS))
+            define_flags(flags)
+            # absl's --help lists the main module's flags; ours are defined here, so make them its flags.
+            for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
+                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+        except errors.Interrupted as e:  # while TensorFlow is being imported
+            sys.exit(_interrupted(e))
+        app.run(lambda argv: main(argv, flags.FLAGS))

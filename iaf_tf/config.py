@@ -56,6 +56,15 @@ def _ema_decay(value):
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
 
+def _seed(value):
+    # NumPy's and Python's seeding accept 0 .. 2**32 - 1.
+    return None if 0 <= value < 2**32 else f"must be in 0..{2**32 - 1}"
+
+
+def _non_empty(value):
+    return None if value is None or value.strip() else "must not be empty"
+
+
 def setting(default, help, check=None, hparam=False, flag=False, kind=None):
     """A dataclass field with what the parser, the checks and the flags need to know about it."""
     kind = kind or type(default)
@@ -79,7 +88,7 @@ class DataConfig:
     dataset: str = hparam("cifar10", f"Dataset: {', '.join(datasets.names())} (see iaf_tf/datasets.py).",
                           one_of(*datasets.names()))
     image_size: int = hparam(32, "Height and width of the model's input images.", positive)
-    data_dir: str = flag(None, "Dataset folder (default: $CIFAR10_PATH or $MNIST_PATH).", kind=str)
+    data_dir: str = flag(None, "Dataset folder (default: $CIFAR10_PATH or $MNIST_PATH).", _non_empty, kind=str)
     download: bool = flag(True, "Where CIFAR-10 is not found, download it with tensorflow-datasets "
                                 "(IAF_TF_NO_DOWNLOAD=1 in the environment turns this off too).")
 
@@ -125,9 +134,9 @@ class OptimizationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
-    max_steps: int = flag(0, "Stop training at this step (0 = run until stopped, as the original).")
-    checkpoint_every: int = flag(100, "Steps between checkpoints.")
-    summary_every: int = flag(20, "Steps between TensorBoard summaries and console lines.")
+    max_steps: int = flag(0, "Stop training at this step (0 = run until stopped, as the original).", non_negative)
+    checkpoint_every: int = flag(100, "Steps between checkpoints.", positive)
+    summary_every: int = flag(20, "Steps between TensorBoard summaries and console lines.", positive)
     max_skips: int = hparam(10, "Stop after this many consecutive steps with a non-finite loss or gradient "
                                 "(each is skipped).", positive)
     max_to_keep: int = setting(5, "Checkpoints kept in <logdir>/train.", positive)
@@ -137,25 +146,26 @@ class TrainingConfig:
 class EvaluationConfig:
     eval_batch_size: int = hparam(100, "(image, sample) pairs per evaluation forward pass.", positive)
     checkpoint: str = flag(None, "Evaluate/sample this checkpoint (a native or original TF1 one: a prefix or "
-                                 "a folder) instead of watching <logdir>/train.", kind=str)
+                                 "a folder) instead of watching <logdir>/train.", _non_empty, kind=str)
     once: bool = flag(False, "Evaluate the latest checkpoint once and exit, instead of watching.")
-    num_images: int = flag(0, "Evaluate only the first N images of the split (0 = all).")
-    poll_seconds: float = flag(60.0, "How often to look for a new checkpoint when watching.")
-    wait_seconds: float = flag(0.0, "Stop watching after this long without a new checkpoint (0 = never).")
-    num_samples: int = flag(64, "--mode sample: how many samples.")
-    temperature: float = flag(1.0, "--mode sample: scale of the prior noise.")
+    num_images: int = flag(0, "Evaluate only the first N images of the split (0 = all).", non_negative)
+    poll_seconds: float = flag(60.0, "How often to look for a new checkpoint when watching.", finite_positive)
+    wait_seconds: float = flag(0.0, "Stop watching after this long without a new checkpoint (0 = never).",
+                               finite_non_negative)
+    num_samples: int = flag(64, "--mode sample: how many samples.", positive)
+    temperature: float = flag(1.0, "--mode sample: scale of the prior noise.", finite_non_negative)
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-    logdir: str = flag("/tmp/vae", "Logging directory.")
+    logdir: str = flag("/tmp/vae", "Logging directory.", _non_empty)
     num_gpus: int = hparam(8, "Data-parallel replicas (GPUs).", positive, flag=True)
     strategy: str = flag("mirrored", "mirrored: replicas on this machine; multi_worker: across the machines "
                                      "in TF_CONFIG.", one_of("mirrored", "multi_worker"))
     cpu_replicas: int = flag(0, "Run --num_gpus replicas on that many logical CPU devices (testing and "
-                                "debugging on hosts without GPUs).")
-    threads: int = flag(0, "Intra-op threads (0 = TensorFlow's default).")
-    seed: int = flag(0, "Seed for initialization, data order and noise.")
+                                "debugging on hosts without GPUs).", non_negative)
+    threads: int = flag(0, "Intra-op threads (0 = TensorFlow's default).", non_negative)
+    seed: int = flag(0, "Seed for initialization, data order and noise.", _seed)
     mixed_precision: bool = hparam(False, "Compute the IAF blocks in bfloat16 (weights, likelihood and "
                                           "optimizer stay float32).")
     jit_compile: bool = hparam(False, "Compile the training step and evaluation with XLA.")
@@ -214,6 +224,19 @@ class Config:
             why = s.check(value) if s.check else None
             if why:
                 raise ConfigError(f"invalid {_label(s)}={value!r}: {why}")
+        self._check_levels_fit()
+
+    def _check_levels_fit(self):
+        """Each level halves the resolution after the encoder's stride 2, down to at least 1x1."""
+        levels, size = len(self.model.level_depths), self.data.image_size
+        if size % 2**levels == 0:
+            return
+        fits = 0
+        while size % 2 ** (fits + 1) == 0:
+            fits += 1
+        key = "depths" if self.model.depths else "depth"
+        raise ConfigError(f"invalid hparam {key}={self.get(key)!r}: {levels} levels need image_size divisible by "
+                          f"{2**levels}, and image_size={size} allows at most {fits} levels")
 
     def get(self, name):
         return getattr(getattr(self, SETTINGS[name].section), name)

@@ -6,6 +6,7 @@ import functools
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -140,8 +141,8 @@ def _load_mnist_file(file: Path, count: int) -> np.ndarray:
     try:
         with gzip.open(file, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read MNIST file {file}: {e}") from e
+    except (OSError, EOFError, zlib.error) as e:  # missing, truncated, or corrupt deflate data
+        raise DataError(f"cannot read MNIST file {file}: {type(e).__name__}: {e}") from e
     if len(raw) < 16:
         raise DataError(f"MNIST file {file} is too short for an IDX header")
     magic, n, rows, cols = np.frombuffer(raw, ">u4", count=4)

@@ -20,3 +20,12 @@ class CheckpointError(UserError, ValueError):
 
 class NonFiniteError(UserError, RuntimeError):
     """Training met more consecutive non-finite steps than max_skips allows."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the training loop (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum

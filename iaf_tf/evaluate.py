@@ -12,8 +12,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from iaf_tf import checkpoints, images
+from iaf_tf import checkpoints, datasets, files, images
 from iaf_tf.checkpoints import TrainState
+from iaf_tf.errors import ConfigError
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import to_uint8_images
 
@@ -69,22 +70,19 @@ def _write_pictures(writer, out_dir, step, named_grids):
             images.write_png(os.path.join(out_dir, f"{name}-{step}.png"), grid)
 
 
-def _write_json(path, result):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run_eval(config, split, print_fn=print, progress=False):
     """Evaluate checkpoints on a split ("test" or "train"); returns the list of result dicts."""
     evaluation, logdir, seed = config.evaluation, config.runtime.logdir, config.runtime.seed
-    state = TrainState(config, with_optimizer=False)
-    model = state.model
-    split_images = state.spec.load(split, config.data.image_size, config.data.data_dir,
-                                   allow_download=config.data.download, evaluation=True)
+    spec = datasets.get(config.data.dataset)
+    split_images = spec.load(split, config.data.image_size, config.data.data_dir,
+                             allow_download=config.data.download, evaluation=True)
+    if evaluation.num_images > len(split_images):
+        raise ConfigError(f"invalid flag --num_images={evaluation.num_images}: the {spec.name} {split} split has "
+                          f"{len(split_images)} images (0 = all of them)")
     if evaluation.num_images:
         split_images = split_images[:evaluation.num_images]
+    state = TrainState(config, with_optimizer=False)
+    model = state.model
     mode = f"eval_{split}"
     out_dir = os.path.join(logdir, mode)
     evaluator = Evaluator(model, jit_compile=config.runtime.jit_compile)
@@ -103,16 +101,16 @@ def run_eval(config, split, print_fn=print, progress=False):
         os.makedirs(out_dir, exist_ok=True)
         writer = writer or tf.summary.create_file_writer(out_dir)
         with writer.as_default(step=step):
-            tf.summary.scalar(f"eval_{state.spec.unit}", score)
+            tf.summary.scalar(f"eval_{spec.unit}", score)
         pictures = split_images[:NUM_PICTURES // 2]
         _write_pictures(writer, out_dir, step, {
             "reconstructions": images.tile(reconstructions(model, pictures, seed)),
             "samples": images.tile(prior_samples(model, NUM_PICTURES, seed)),
         })
         writer.flush()
-        result = {"step": step, "split": split, "k": k, state.spec.unit: score, "images": len(split_images),
+        result = {"step": step, "split": split, "k": k, spec.unit: score, "images": len(split_images),
                   "seconds": round(seconds, 3), "checkpoint": prefix, "seed": seed}
-        _write_json(os.path.join(out_dir, f"result-{step}.json"), result)
+        files.write_atomically(os.path.join(out_dir, f"result-{step}.json"), json.dumps(result, indent=2))
         results.append(result)
     return results
 

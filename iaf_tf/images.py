@@ -1,10 +1,11 @@
 """Image grids and PNG files for samples and reconstructions."""
 
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
+
+from iaf_tf import files
 
 
 def tile(images, columns=None, border=1, border_value=0):
@@ -31,7 +32,4 @@ def interleave(first, second):
 
 def write_png(path, image):
     """Write a uint8 [H, W, C] image (C = 1 or 3) atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    tf.io.write_file(tmp, tf.io.encode_png(np.asarray(image, np.uint8)))
-    os.replace(tmp, path)
+    files.write_atomically(path, tf.io.encode_png(np.asarray(image, np.uint8)).numpy())

@@ -5,18 +5,21 @@ skip the update if anything is non-finite -> Adamax -> moving averages.
 """
 
 import dataclasses
+import glob
+import json
 import os
+import shutil
 import signal
 import time
 
 import tensorflow as tf
 
-from iaf_tf import checkpoints, datasets
+from iaf_tf import checkpoints, datasets, files
 from iaf_tf import data as data_lib
 from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import TrainState
 from iaf_tf.devices import replica_devices
-from iaf_tf.errors import ConfigError, NonFiniteError
+from iaf_tf.errors import CheckpointError, ConfigError, NonFiniteError
 from iaf_tf.model import count_trainable_parameters
 
 
@@ -112,14 +115,27 @@ def make_strategy(runtime):
     """`mirrored`: replicas on this machine. `multi_worker`: the same loop across the machines that
     TF_CONFIG describes (each with its own GPUs, or its CPU)."""
     if runtime.strategy == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ConfigError("--strategy=multi_worker needs TF_CONFIG describing the cluster and this task "
-                              "(see BUILD.md, 'Several machines')")
+        _check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     devices = replica_devices(runtime.num_gpus, runtime.cpu_replicas)
     if len(devices) == 1:
         return tf.distribute.get_strategy()  # the default strategy: no distribution overhead
     return tf.distribute.MirroredStrategy(devices)
+
+
+def _check_tf_config(text):
+    howto = "see BUILD.md, 'Several machines'"
+    if not text:
+        raise ConfigError(f"--strategy=multi_worker needs TF_CONFIG describing the cluster and this task ({howto})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}); {howto}") from None
+    task = value.get("task") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict) or not isinstance(task, dict) \
+            or task.get("type") not in value["cluster"] or not isinstance(task.get("index"), int):
+        raise ConfigError(f'TF_CONFIG must be {{"cluster": {{"worker": ["host:port", ...]}}, "task": {{"type": '
+                          f'"worker", "index": N}}}} with the task in the cluster, got {text!r}; {howto}')
 
 
 def replica_batches(strategy, images, batch_size, seed, start_step):
@@ -163,7 +179,7 @@ def train(config, trainer=None, on_step=None, print_fn=print):
     Everything that can be wrong with the inputs is checked before anything is written. `trainer`: a
     Trainer for `config` to use (default: a new one); `on_step(StepRecord)` is called after every step.
     """
-    check_writable(config.runtime.logdir)
+    files.check_writable(os.path.join(config.runtime.logdir, "train"))
     images = _training_images(config)
     trainer = trainer or Trainer(config)
     is_chief = _is_chief(trainer.strategy)
@@ -303,17 +319,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def check_writable(logdir):
-    """Fail before anything is written if logdir cannot be created or written."""
-    path = os.path.abspath(logdir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"logdir {logdir} cannot be created: {path} is a file, not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"logdir {logdir} is not writable ({path} does not allow writing); choose another --logdir")
-
-
 def _is_chief(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     task_type = getattr(resolver, "task_type", None)
@@ -338,7 +343,19 @@ class _CheckpointWriter:
         return tf.train.latest_checkpoint(self.train_dir)
 
     def save(self, step):
-        self._manager.save(checkpoint_number=step)
+        """Write ckpt-<step>; on any failure (a full disk, a signal) remove what this save wrote, so the
+        previous checkpoint stays the latest and no temporary folder is left."""
+        prefix = os.path.join(self._dir, f"ckpt-{step}")
+        before = set(glob.glob(prefix + "[._]*"))
+        try:
+            self._manager.save(checkpoint_number=step)
+        except BaseException as e:
+            for path in set(glob.glob(prefix + "[._]*")) - before:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if isinstance(e, (tf.errors.ResourceExhaustedError, OSError)):
+                raise CheckpointError(f"cannot write checkpoint {prefix}: {e}; nothing of it is left, and "
+                                      f"{self.latest or 'no checkpoint'} is still the latest") from e
+            raise
         if not self.is_chief:
             tf.io.gfile.rmtree(self._dir)
         self.saved_step = step
