@@ -8,6 +8,7 @@ by iaf_tf.tf1_checkpoint; training, evaluation, sampling and the converter all l
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -57,18 +58,59 @@ def named_variables(model):
     return variables
 
 
+_NUMBERED = re.compile(r"^(?:model\.)?ckpt-(\d+)(?:\.index)?$")
+
+
+def find_all(folder):
+    """The checkpoints in a folder, newest (highest step) first: native `ckpt-N` and the original's
+    `model.ckpt-N`, as a V2 prefix (with .index) or a V1 single file."""
+    steps = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = _NUMBERED.match(name)
+        if match:
+            steps[os.path.join(folder, name.removesuffix(".index"))] = int(match.group(1))
+    return sorted(steps, key=lambda prefix: -steps[prefix])
+
+
+def _named_by_state_file(folder):
+    """The checkpoint the folder's `checkpoint` state file names, if that exists here; an absolute path
+    from the machine that wrote it is looked up by its name in this folder."""
+    state = os.path.join(folder, "checkpoint")
+    if not os.path.isfile(state):
+        return None
+    match = re.search(r'^model_checkpoint_path:\s*"(.*)"', open(state, errors="replace").read(), re.M)
+    if not match:
+        return None
+    name = match.group(1)
+    for prefix in (os.path.join(folder, name), os.path.join(folder, os.path.basename(name))):
+        if _exists(prefix):
+            return prefix
+    return None
+
+
+def _exists(prefix):
+    return os.path.isfile(prefix + ".index") or (os.path.isfile(prefix) and _NUMBERED.match(os.path.basename(prefix)))
+
+
+def candidates(folder):
+    """Checkpoints of a folder in the order to try them: the one its state file names, then the others,
+    newest first."""
+    named = _named_by_state_file(folder)
+    return ([named] if named else []) + [p for p in find_all(folder) if p != named]
+
+
 def resolve(path):
-    """A checkpoint prefix (native or TF1) from a prefix, a checkpoint folder or a logdir (its train/)."""
-    path = os.fspath(path)
-    if os.path.exists(path + ".index"):
+    """A checkpoint (native or TF1, V2 prefix or V1 file) from a prefix, a file, a checkpoint folder or a
+    logdir (its train/ folder)."""
+    path = os.fspath(path).removesuffix(".index")
+    if _exists(path):
         return path
     for folder in (os.path.join(path, "train"), path):
-        if os.path.isdir(folder):
-            prefix = tf.train.latest_checkpoint(folder)
-            if prefix:
-                return prefix
-    raise CheckpointError(f"no checkpoint at {path}: give a checkpoint prefix (like .../ckpt-300 or "
-                          "model.ckpt-3000), a folder holding a 'checkpoint' file, or a logdir with train/")
+        found = candidates(folder)
+        if found:
+            return found[0]
+    raise CheckpointError(f"no checkpoint at {path}: give a checkpoint (like .../ckpt-300 or model.ckpt-3000), "
+                          "a folder holding one, or a logdir with train/")
 
 
 def is_tf1(prefix):
@@ -88,7 +130,7 @@ def restore(state, prefix, weights="raw"):
     if is_tf1(prefix):
         _restore_tf1(state, tf1_checkpoint.read(prefix))
     else:
-        _check_shapes(prefix, state.model)
+        _check_names(prefix, state)
         status = state.checkpoint.restore(prefix)
         if state.optimizer is None:
             status.expect_partial().assert_existing_objects_matched()
@@ -126,14 +168,37 @@ def _restore_tf1(state, ckpt):
         state.optimizer.iterations.assign(ckpt.global_step)
 
 
-def _check_shapes(prefix, model):
-    """Name each variable whose saved shape differs from the model's."""
+def _check_names(prefix, state):
+    """Every weight and average of the model is in the checkpoint with its shape, and the checkpoint has no
+    weight the model lacks; otherwise one error naming the first offenders."""
     saved = dict(tf.train.list_variables(prefix))
-    wanted = {f"model/{name.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE": tuple(v.shape)
-              for name, v in named_variables(model).items()}
-    wrong = [f"{key} is {saved[key]} in the checkpoint but {list(shape)} in the model"
-             for key, shape in wanted.items() if key in saved and list(saved[key]) != list(shape)]
-    if wrong:
-        raise CheckpointError(f"{prefix} was written by another configuration: " + "; ".join(wrong[:8])
-                              + (f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else "")
+    wanted = {}
+    for section in ("model", "averages"):
+        for name, var in named_variables(state.model).items():
+            wanted[f"{section}/{name.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE"] = list(var.shape)
+    in_sections = {k for k in saved if k.split("/", 1)[0] in ("model", "averages")}
+    problems = [f"{_readable(k)} is {saved[k]} in the checkpoint but {shape} in the model"
+                for k, shape in wanted.items() if k in saved and list(saved[k]) != shape]
+    problems += [f"{_readable(k)} is missing from the checkpoint" for k in wanted if k not in saved]
+    problems += [f"{_readable(k)} is in the checkpoint but not in the model" for k in sorted(in_sections - set(wanted))]
+    if problems:
+        raise CheckpointError(f"{prefix} was written by another configuration: " + "; ".join(problems[:5])
+                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
                               + ". Pass the hpconfig the checkpoint was trained with.")
+
+
+def _readable(key):
+    return key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE").replace(".S", "/")
+
+
+def describe(prefix):
+    """What a checkpoint is, for messages: its path, format and step."""
+    if is_tf1(prefix):
+        version = "V2" if os.path.isfile(prefix + ".index") else "V1"
+        return f"{prefix} (a checkpoint of the original TF1 code, {version} format, step {_step(prefix)})"
+    return f"{prefix} (native, step {_step(prefix)})"
+
+
+def _step(prefix):
+    match = _NUMBERED.match(os.path.basename(prefix))
+    return int(match.group(1)) if match else "unknown"

@@ -37,6 +37,33 @@ def _run(mode, cfg):
         evaluate.run_eval(cfg, mode.split("_", 1)[1], progress=sys.stderr.isatty())
 
 
+def _config(mode, flag_values):
+    """The command line's settings on top of the run's saved hyper-parameters, where the run has them
+    (`logdir/train`, or the folder of --checkpoint for eval and sample); otherwise on the defaults."""
+    from iaf_tf import config
+
+    given = config.given_on_command_line(flag_values)
+    defaults = config.Config().replace(**{k: v for k, v in given.items() if k not in config.HPARAM_KEYS})
+    folder = _run_folder(mode, defaults.runtime)
+    saved = config.read_run_config(folder) if folder else None
+    if saved is None:
+        return config.Config().replace(**given)
+    merged, changes = config.on_top_of(saved, given, folder)
+    for key, (old, new) in changes.items() if mode != "train" else ():  # training records them itself
+        print(f"{key}: {old} → {new} (given on the command line; the run in {folder} has {old})")
+    return merged
+
+
+def _run_folder(mode, runtime):
+    """The folder whose hparams.cfg describes the weights this mode will use."""
+    if mode == "train" or not runtime.checkpoint:
+        return os.path.join(runtime.logdir, "train")
+    path = runtime.checkpoint.removesuffix(".index")
+    if os.path.isdir(path):
+        return os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
+    return os.path.dirname(os.path.abspath(path))
+
+
 @contextlib.contextmanager
 def _signals_raise():
     """SIGINT and SIGTERM raise errors.Interrupted wherever the run is (the training loop catches them
@@ -59,10 +86,8 @@ def main(argv, flag_values):
         return EXIT_USER_ERROR
     with _signals_raise():
         try:
-            from iaf_tf import config
-
             _quiet_python_logs(flag_values)
-            _run(flag_values.mode, config.from_flags(flag_values))
+            _run(flag_values.mode, _config(flag_values.mode, flag_values))
         except errors.Interrupted as e:
             return _interrupted(e)
         except errors.NonFiniteError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from pathlib import Path
 
@@ -130,6 +131,8 @@ class OptimizationConfig:
     ema_decay: float = hparam(0.999, "Decay of the weights' moving averages (used for evaluation).", _ema_decay)
     grad_clip: float = hparam(0.0, "Clip the global gradient norm to this (0 = off, as the original).",
                               finite_non_negative)
+    skip_threshold: float = hparam(0.0, "Skip updates whose global gradient norm is above this (0 = off, as the "
+                                        "original); skipped steps count towards max_skips.", finite_non_negative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +148,6 @@ class TrainingConfig:
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     eval_batch_size: int = hparam(100, "(image, sample) pairs per evaluation forward pass.", positive)
-    checkpoint: str = flag(None, "Evaluate/sample this checkpoint (a native or original TF1 one: a prefix or "
-                                 "a folder) instead of watching <logdir>/train.", _non_empty, kind=str)
     once: bool = flag(False, "Evaluate the latest checkpoint once and exit, instead of watching.")
     num_images: int = flag(0, "Evaluate only the first N images of the split (0 = all).", non_negative)
     poll_seconds: float = flag(60.0, "How often to look for a new checkpoint when watching.", finite_positive)
@@ -159,6 +160,9 @@ class EvaluationConfig:
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     logdir: str = flag("/tmp/vae", "Logging directory.", _non_empty)
+    checkpoint: str = flag(None, "A checkpoint (native or the original TF1 code's: a file, a prefix or a folder) "
+                                 "to evaluate or sample instead of watching <logdir>/train, or to start a new "
+                                 "training run from.", _non_empty, kind=str)
     num_gpus: int = hparam(8, "Data-parallel replicas (GPUs).", positive, flag=True)
     strategy: str = flag("mirrored", "mirrored: replicas on this machine; multi_worker: across the machines "
                                      "in TF_CONFIG.", one_of("mirrored", "multi_worker"))
@@ -258,22 +262,16 @@ class Config:
 
     def parse(self, text: str) -> Config:
         """Apply an hpconfig string "key=value,key=value" (later entries win, as in the original)."""
-        overrides = {}
-        for entry in (text or "").split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
-            key, sep, raw = entry.partition("=")
-            if not sep:
-                raise ConfigError(f"malformed hparam entry {entry!r}: expected key=value")
-            key, raw = key.strip(), raw.strip()
-            if key not in HPARAM_KEYS:
-                raise ConfigError(f"unknown hparam {key!r} in {entry!r}; valid keys: {', '.join(HPARAM_KEYS)}")
-            overrides[key] = _convert(SETTINGS[key].kind, raw, entry)
         try:
-            return self.replace(**overrides)
+            return self.replace(**parse_entries(text))
         except ConfigError as e:
             raise ConfigError(f"{e} (from {text.strip()!r})") from None
+
+    def architecture(self) -> dict:
+        """What the weights' shapes and meaning depend on: a run keeps these for life."""
+        return dict(dataset=self.data.dataset, image_size=self.data.image_size, z_size=self.model.z_size,
+                    h_size=self.model.h_size, level_depths=self.model.level_depths,
+                    posterior=self.model.posterior, depth_ar=self.model.depth_ar, prior=self.model.prior)
 
     def hparams(self) -> dict:
         """The hyper-parameters (the --hpconfig keys) and their values."""
@@ -284,6 +282,23 @@ class Config:
         return ",".join(f"{k}={_format(v)}" for k, v in self.hparams().items())
 
     __repr__ = __str__ = to_hpconfig
+
+
+def parse_entries(text: str) -> dict:
+    """{key: typed value} of an hpconfig string, checked against the hparam keys."""
+    entries = {}
+    for entry in (text or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key, sep, raw = entry.partition("=")
+        if not sep:
+            raise ConfigError(f"malformed hparam entry {entry!r}: expected key=value")
+        key, raw = key.strip(), raw.strip()
+        if key not in HPARAM_KEYS:
+            raise ConfigError(f"unknown hparam {key!r} in {entry!r}; valid keys: {', '.join(HPARAM_KEYS)}")
+        entries[key] = _convert(SETTINGS[key].kind, raw, entry)
+    return entries
 
 
 def _format(value):
@@ -355,8 +370,60 @@ def define_flags(flags):
                + (f" Overrides the {s.name} hparam (default {s.default})." if s.hparam else ""))
 
 
-def from_flags(flag_values) -> Config:
-    """The preset, then --hpconfig, then every flag given on the command line."""
-    given = {s.name: flag_values[s.name].value for s in SETTINGS.values()
-             if s.flag and flag_values[s.name].present}
-    return resolve(flag_values.preset or None, flag_values.hpconfig, **given)
+def given_on_command_line(flag_values) -> dict:
+    """{key: value} of every setting the command line gives: the preset's entries, then --hpconfig's, then
+    the flags that are present."""
+    given = parse_entries(read_preset(flag_values.preset)) if flag_values.preset else {}
+    given.update(parse_entries(flag_values.hpconfig))
+    given.update({s.name: flag_values[s.name].value for s in SETTINGS.values()
+                  if s.flag and flag_values[s.name].present})
+    return given
+
+
+def on_top_of(saved: Config, given: dict, source: str):
+    """The saved run's config with the given settings applied: (config, {key: (saved, given)} of the
+    hyper-parameters that changed). A change of the architecture or dataset is refused."""
+    merged = saved.replace(**given)
+    old, new = saved.architecture(), merged.architecture()
+    if old != new:
+        attribute = next(a for a in old if old[a] != new[a])
+        keys = ("depth", "num_blocks", "depths") if attribute == "level_depths" else (attribute,)
+        key = next((k for k in keys if k in given), keys[0])
+        raise ConfigError(f"{key}={_format(merged.get(key))} contradicts the run in {source}, which has "
+                          f"{key}={_format(saved.get(key))}: a run's architecture and dataset cannot change; "
+                          "drop it, or use another --logdir for a new run")
+    changes = {k: (saved.get(k), merged.get(k)) for k in HPARAM_KEYS if saved.get(k) != merged.get(k)}
+    return merged, changes
+
+
+# ---------------------------------------------------------------- a run's own record
+
+RUN_CONFIG = "hparams.cfg"
+
+
+def read_run_config(folder):
+    """The hyper-parameters saved in a run folder (logdir/train), or None if it has none."""
+    path = os.path.join(folder, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    lines = open(path).read().splitlines()
+    try:
+        return Config().parse(",".join(s for s in map(str.strip, lines) if s and not s.startswith("#")))
+    except ConfigError as e:
+        raise ConfigError(f"{path} is not a valid run record ({e}); restore it or pass --hpconfig "
+                          "in a new --logdir") from None
+
+
+def run_config_text(cfg, history=()):
+    """The run record: a header, the history of changes as comments, then one key=value per line."""
+    lines = ["# Hyper-parameters of this run, in the --hpconfig syntax (written by iaf-tf; eval, sample and "
+             "resume read them).", *history]
+    return "\n".join(lines + [f"{k}={_format(v)}" for k, v in cfg.hparams().items()]) + "\n"
+
+
+def run_config_history(folder):
+    """The change lines ("# step N: ...") of a run record."""
+    path = os.path.join(folder, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return []
+    return [line for line in open(path).read().splitlines() if line.startswith("# step ")]

@@ -4,8 +4,10 @@ import os
 
 import tensorflow as tf
 
-from iaf_tf import checkpoints, tf1_checkpoint
+from iaf_tf import checkpoints, files, tf1_checkpoint
+from iaf_tf import config as cfg_lib
 from iaf_tf.config import Config
+from iaf_tf.errors import CheckpointError
 
 
 def config_from_checkpoint(ckpt, base=None):
@@ -24,9 +26,16 @@ def convert(tf1_path, logdir, config=None):
     `config` given: its architecture must agree with the checkpoint's (CheckpointError otherwise).
     """
     prefix = checkpoints.resolve(tf1_path)
+    train_dir = os.path.join(logdir, "train")
+    if checkpoints.find_all(train_dir) or cfg_lib.read_run_config(train_dir):
+        raise CheckpointError(f"{train_dir} already holds a run; convert into a new --logdir")
+    files.check_writable(train_dir)
     if config is None:
         config = config_from_checkpoint(tf1_checkpoint.read(prefix))
     state = checkpoints.TrainState(config)
     checkpoints.restore(state, prefix)
-    manager = tf.train.CheckpointManager(state.checkpoint, os.path.join(logdir, "train"), max_to_keep=None)
-    return manager.save(checkpoint_number=int(state.step.numpy())), config
+    manager = tf.train.CheckpointManager(state.checkpoint, train_dir, max_to_keep=None)
+    path = manager.save(checkpoint_number=int(state.step.numpy()))
+    files.write_atomically(os.path.join(train_dir, cfg_lib.RUN_CONFIG), cfg_lib.run_config_text(
+        config, [f"# converted from {prefix}; the architecture was read off it"]))
+    return path, config

@@ -6,6 +6,7 @@ is accepted wherever a native one is.
 """
 
 import json
+import math
 import os
 import time
 
@@ -14,7 +15,7 @@ import tensorflow as tf
 
 from iaf_tf import checkpoints, datasets, files, images
 from iaf_tf.checkpoints import TrainState
-from iaf_tf.errors import ConfigError
+from iaf_tf.errors import ConfigError, NonFiniteError
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import to_uint8_images
 
@@ -33,13 +34,13 @@ def load_averaged(config, path):
 def _checkpoints_to_evaluate(config, say):
     """Yields checkpoint prefixes: the given/latest one, or each new one in logdir/train as it appears."""
     evaluation, logdir = config.evaluation, config.runtime.logdir
-    if evaluation.checkpoint or evaluation.once:
-        yield checkpoints.resolve(evaluation.checkpoint or logdir)
+    if config.runtime.checkpoint or evaluation.once:
+        yield checkpoints.resolve(config.runtime.checkpoint or logdir)
         return
     train_dir = os.path.join(logdir, "train")
     last, waited = None, 0.0
     while True:
-        latest = tf.train.latest_checkpoint(train_dir) if os.path.isdir(train_dir) else None
+        latest = next(iter(checkpoints.candidates(train_dir)), None)
         if latest and latest != last:
             last, waited = latest, 0.0
             yield latest
@@ -91,12 +92,16 @@ def run_eval(config, split, print_fn=print, progress=False):
     results = []
     for prefix in _checkpoints_to_evaluate(config, print_fn):
         step = checkpoints.restore(state, prefix, weights="ema")
-        print_fn(f"Successfully loaded model at step={step} from {prefix}.")
+        print_fn(f"Successfully loaded model at step={step} from {checkpoints.describe(prefix)}: its moving-average "
+                 "weights.")
         begin = time.time()
         nll = evaluator.nll(split_images, k=k, seed=seed, max_batch=evaluation.eval_batch_size,
                             progress=progress, desc=f"{mode} k={k}")
         seconds = time.time() - begin
         score = float(model.score(nll))
+        if not math.isfinite(score):
+            raise NonFiniteError(f"the {spec.unit} of {prefix} on the {split} split is {score}: its weights are not "
+                                 "usable; no result was written. Evaluate an older checkpoint with --checkpoint")
         print_fn(f"Step: {step} Score: {score:.4f}")
         os.makedirs(out_dir, exist_ok=True)
         writer = writer or tf.summary.create_file_writer(out_dir)
@@ -118,7 +123,7 @@ def run_eval(config, split, print_fn=print, progress=False):
 def run_sample(config, print_fn=print):
     """Write N prior samples of the latest (or given) checkpoint as a PNG grid and a uint8 .npy."""
     evaluation, logdir = config.evaluation, config.runtime.logdir
-    state, step, _ = load_averaged(config, evaluation.checkpoint or logdir)
+    state, step, _ = load_averaged(config, config.runtime.checkpoint or logdir)
     pictures = prior_samples(state.model, evaluation.num_samples, config.runtime.seed, evaluation.temperature)
     out_dir = os.path.join(logdir, "sample")
     stem = os.path.join(out_dir, f"samples-{step}-t{evaluation.temperature:g}")

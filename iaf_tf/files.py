@@ -1,7 +1,9 @@
 """Writing files so that nothing is left half-written: a writability check before the work starts, and
 atomic writes (a temporary file renamed into place)."""
 
+import fcntl
 import os
+import socket
 
 from iaf_tf.errors import ConfigError
 
@@ -30,3 +32,34 @@ def write_atomically(path, content):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class RunLock:
+    """An OS-level lock on a run folder for one trainer at a time: the second one gets a ConfigError naming
+    the holder. The kernel drops the lock when its holder dies, even by SIGKILL."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, self.NAME)
+        self._file = None
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another trainer ({holder}); wait for it "
+                              "to finish, stop it, or use another --logdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"host {socket.gethostname()}, PID {os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()  # closing releases the lock

@@ -4,6 +4,7 @@ A step is: per-replica loss and gradients -> one MEAN all-reduce (the original's
 skip the update if anything is non-finite -> Adamax -> moving averages.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -15,6 +16,7 @@ import time
 import tensorflow as tf
 
 from iaf_tf import checkpoints, datasets, files
+from iaf_tf import config as cfg_lib
 from iaf_tf import data as data_lib
 from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import TrainState
@@ -76,10 +78,14 @@ class Trainer(TrainState):
         grads = self.strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN, [(g, v.value) for g, v in pairs])
         metrics = {name: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
                    for name, value in metrics.items()}
-        finite = tf.math.is_finite(metrics["objective"])
-        for g in grads:
-            finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        applied = tf.cond(finite, lambda: self._apply(grads, variables), self._skip)
+        # One check over all gradients: their global norm is finite exactly when every gradient is (short of
+        # float32 overflow of the squares, far beyond any usable update).
+        norm = tf.linalg.global_norm(grads)
+        usable = tf.logical_and(tf.math.is_finite(metrics["objective"]), tf.math.is_finite(norm))
+        threshold = self.config.optimization.skip_threshold
+        if threshold > 0:
+            usable = tf.logical_and(usable, norm < threshold)
+        applied = tf.cond(usable, lambda: self._apply(grads, variables, norm), self._skip)
         self.step.assign_add(1)
         return metrics, applied
 
@@ -91,10 +97,10 @@ class Trainer(TrainState):
             loss, metrics = loss_fn(self.model, images, seed, self.config.objective)
         return tape.gradient(loss, self.variables), dict(metrics, objective=loss)
 
-    def _apply(self, grads, variables):
+    def _apply(self, grads, variables, norm):
         clip = self.config.optimization.grad_clip
         if clip > 0:
-            grads, _ = tf.clip_by_global_norm([tf.convert_to_tensor(g) for g in grads], clip)
+            grads, _ = tf.clip_by_global_norm([tf.convert_to_tensor(g) for g in grads], clip, use_norm=norm)
         self.optimizer.apply(grads, variables)
         self.averages.update()
         return tf.constant(True)
@@ -174,29 +180,35 @@ class TrainResult:
 
 
 def train(config, trainer=None, on_step=None, print_fn=print):
-    """Train until max_steps (or SIGTERM/SIGINT), resuming from the latest checkpoint in logdir/train.
+    """Train until max_steps (or SIGTERM/SIGINT), resuming from the newest readable checkpoint in
+    logdir/train, or starting from `config.runtime.checkpoint` / a fresh initialization in an empty one.
 
     Everything that can be wrong with the inputs is checked before anything is written. `trainer`: a
     Trainer for `config` to use (default: a new one); `on_step(StepRecord)` is called after every step.
     """
-    files.check_writable(os.path.join(config.runtime.logdir, "train"))
+    train_dir = os.path.join(config.runtime.logdir, "train")
+    files.check_writable(train_dir)
     images = _training_images(config)
     trainer = trainer or Trainer(config)
     is_chief = _is_chief(trainer.strategy)
     say = print_fn if is_chief else (lambda *_: None)
-    saver = _CheckpointWriter(trainer, os.path.join(config.runtime.logdir, "train"), is_chief)
-    say(f"Num trainable variables: {count_trainable_parameters(trainer.model)}")
-    _restore_or_initialize(trainer, saver, images, say)
-    log = _Log(trainer, saver.train_dir, is_chief, say)
-    status, metrics = _loop(trainer, images, saver, log, on_step)
-    log.close()
+    with files.RunLock(train_dir) if is_chief else contextlib.nullcontext():
+        saver = _CheckpointWriter(trainer, train_dir, is_chief)
+        say(f"Num trainable variables: {count_trainable_parameters(trainer.model)}")
+        _restore_or_start(trainer, saver, images, say)
+        if is_chief:
+            _record_config(train_dir, config, int(trainer.step.numpy()), say)
+        log = _Log(trainer, train_dir, is_chief, say)
+        status, metrics = _loop(trainer, images, saver, log, on_step)
+        log.close()
+        if status == "non_finite":
+            kept = _roll_back(trainer, saver, log.streak_start)
+            raise NonFiniteError(
+                f"stopped at step {int(trainer.step.numpy())}: {log.consecutive_skips} consecutive steps had a "
+                f"non-finite loss or gradient (max_skips={config.training.max_skips}). {kept} Try a lower "
+                "learning_rate, grad_clip>0 or skip_threshold>0 in --hpconfig.")
     result = TrainResult(int(trainer.step.numpy()), status, {k: float(v) for k, v in metrics.items()},
                          int(trainer.skipped.numpy()))
-    if status == "non_finite":
-        raise NonFiniteError(
-            f"stopped at step {result.step}: {log.consecutive_skips} consecutive steps had a non-finite loss or "
-            f"gradient (max_skips={config.training.max_skips}); the last good weights are saved in "
-            f"{saver.train_dir}. Try a lower learning_rate, or grad_clip>0 in --hpconfig.")
     say(f"Stopped at step {result.step} ({status}).")
     return result
 
@@ -206,12 +218,31 @@ def _training_images(config):
     return spec.load("train", config.data.image_size, config.data.data_dir, allow_download=config.data.download)
 
 
-def _restore_or_initialize(trainer, saver, images, say):
-    """Resume from the latest checkpoint, or run the data-dependent init and save step 0."""
-    if saver.latest:
-        checkpoints.restore(trainer, saver.latest)
+def _restore_or_start(trainer, saver, images, say):
+    """Resume from the newest readable checkpoint of the run; in a folder with no checkpoint files at all,
+    start from --checkpoint or from the data-dependent init (saved as the first checkpoint)."""
+    existing = checkpoints.find_all(saver.train_dir)
+    start_from = trainer.config.runtime.checkpoint
+    if existing:
+        original = [p for p in existing if os.path.basename(p).startswith("model.ckpt-")]
+        if original:
+            raise CheckpointError(
+                f"{saver.train_dir} holds checkpoints of the original TF1 code ({os.path.basename(original[0])}): "
+                f"train from them in a new logdir with --checkpoint {original[0]} --logdir NEW, or convert them "
+                "with bin/convert_checkpoint.py")
+        if start_from:
+            raise CheckpointError(f"--checkpoint {start_from} starts a new run, but {saver.train_dir} already holds "
+                                  "one: drop --checkpoint to resume it, or choose another --logdir")
+        prefix = _restore_newest_readable(trainer, saver.train_dir, existing, say)
         saver.saved_step = int(trainer.step.numpy())
-        say(f"Resumed from {saver.latest} at step {saver.saved_step}")
+        say(f"Resumed from {prefix} at step {saver.saved_step}")
+        return
+    if start_from:
+        prefix = checkpoints.resolve(start_from)
+        step = checkpoints.restore(trainer, prefix)
+        say(f"Starting a new run from {checkpoints.describe(prefix)}: weights, moving averages, optimizer state "
+            f"and step {step}")
+        saver.save(step)
         return
     say("Initializing parameters.")
     config = trainer.config
@@ -220,6 +251,65 @@ def _restore_or_initialize(trainer, saver, images, say):
     trainer.initialize(first.numpy())
     saver.save(0)
     say("Initialized!")
+
+
+def _restore_newest_readable(trainer, train_dir, existing, say):
+    """Restore the newest checkpoint that reads; say which newer ones did not, and where the state file
+    disagrees with the files. Returns the prefix restored."""
+    named = checkpoints.candidates(train_dir)[0]
+    if os.path.basename(named) != os.path.basename(existing[0]) or not os.path.isfile(
+            os.path.join(train_dir, "checkpoint")):
+        say(f"warning: the 'checkpoint' state file of {train_dir} is missing or does not name the newest "
+            f"checkpoint; trusting the files: {os.path.basename(existing[0])} is the newest")
+    failures = []
+    for prefix in existing:
+        try:
+            checkpoints.restore(trainer, prefix)
+            for bad, why in failures:
+                say(f"warning: {bad} is unreadable ({why}); resumed from the newest readable checkpoint instead")
+            return prefix
+        except CheckpointError:
+            raise
+        except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+            failures.append((prefix, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+    raise CheckpointError(f"none of the checkpoints in {train_dir} can be read: "
+                          + "; ".join(f"{os.path.basename(p)} ({why})" for p, why in failures)
+                          + ". Nothing was changed; restore a copy, or use another --logdir")
+
+
+def _record_config(train_dir, config, step, say):
+    """Write the run's hyper-parameters beside its checkpoints; on resume, record what changed."""
+    saved = cfg_lib.read_run_config(train_dir)
+    history = cfg_lib.run_config_history(train_dir)
+    if saved is not None:
+        _, changes = cfg_lib.on_top_of(saved, config.hparams(), train_dir)
+        if not changes:
+            return
+        for key, (old, new) in changes.items():
+            say(f"{key}: {old} → {new} (was saved in {train_dir})")
+        history.append(f"# step {step}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
+    files.write_atomically(os.path.join(train_dir, cfg_lib.RUN_CONFIG), cfg_lib.run_config_text(config, history))
+
+
+def _roll_back(trainer, saver, streak_start):
+    """After a non-finite stop: the update just before the first non-finite step may be what broke the
+    weights, so make the newest checkpoint hold the weights of one saved before it. Returns what to say."""
+    final_step, skipped = int(trainer.step.numpy()), int(trainer.skipped.numpy())
+    good = [p for p in checkpoints.find_all(saver.train_dir) if _step_of(p) < streak_start - 1]
+    if not good:
+        saver.save_if_unsaved(final_step)
+        return (f"No checkpoint from before step {streak_start - 1} is left; ckpt-{final_step} holds the last "
+                "weights, which may be the broken ones.")
+    checkpoints.restore(trainer, good[0])
+    trainer.step.assign(final_step)
+    trainer.skipped.assign(skipped)
+    saver.save(final_step)
+    return (f"ckpt-{final_step}, the newest checkpoint in {saver.train_dir}, holds the weights of {good[0]} "
+            f"(from before the last update ahead of the first non-finite step, {streak_start}).")
+
+
+def _step_of(prefix):
+    return int(prefix.rsplit("-", 1)[1])
 
 
 def _loop(trainer, images, saver, log, on_step):
@@ -260,6 +350,9 @@ class _Log:
         self.unit = trainer.spec.unit
         self.writer = tf.summary.create_file_writer(train_dir) if is_chief else tf.summary.create_noop_writer()
         self.consecutive_skips = 0
+        self.streak_start = None  # the first step of the current run of skipped steps
+        self.skip_reason = "non-finite loss or gradient" + (
+            " or gradient norm over skip_threshold" if trainer.config.optimization.skip_threshold else "")
         self.steps_logged = 0
         self.line_start = self.window_start = time.time()
         self.window_images = 0
@@ -267,8 +360,10 @@ class _Log:
     def step(self, step, metrics, applied, images):
         self.window_images += images
         self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        if self.consecutive_skips == 1:
+            self.streak_start = step
         if self.consecutive_skips:
-            self.say(f"Iteration {step}: non-finite loss or gradient, update skipped ({self.consecutive_skips} "
+            self.say(f"Iteration {step}: {self.skip_reason}, update skipped ({self.consecutive_skips} "
                      f"in a row, {int(self.trainer.skipped.numpy())} in all)")
         if self.steps_logged < 10 or step % self.summary_every == 0:
             score = f"{float(metrics[self.unit]):.2f}" if self.unit == "nats_per_image" \
