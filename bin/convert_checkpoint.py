@@ -2,16 +2,16 @@
 """Convert a checkpoint of the original openai/iaf TF1 code into a native iaf-tf checkpoint.
 
     python bin/convert_checkpoint.py --tf1_checkpoint ../shared/reference/tf1-small --logdir runs/converted
-    python bin/iaf.py --mode eval_test --logdir runs/converted --hpconfig <the printed hpconfig>
+    python bin/iaf.py --mode eval_test --once --logdir runs/converted
 """
 
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see iaf_tf.cli.run
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from iaf_tf import config, convert, errors  # noqa: E402
 
@@ -26,6 +26,8 @@ flags.mark_flags_as_required(["tf1_checkpoint", "logdir"])
 def main(argv):
     del argv
     F = flags.FLAGS
+    if not F["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     try:
         given = config.resolve(F.preset or None, F.hpconfig) if (F.preset or F.hpconfig) else None
         path, cfg = convert.convert(F.tf1_checkpoint, F.logdir, given)

@@ -47,11 +47,27 @@ def _config(mode, flag_values):
     folder = _run_folder(mode, defaults.runtime)
     saved = config.read_run_config(folder) if folder else None
     if saved is None:
-        return config.Config().replace(**given)
+        return _original_checkpoint_config(mode, defaults.runtime, config.Config()).replace(**given)
     merged, changes = config.on_top_of(saved, given, folder)
     for key, (old, new) in changes.items() if mode != "train" else ():  # training records them itself
         print(f"{key}: {old} → {new} (given on the command line; the run in {folder} has {old})")
     return merged
+
+
+def _original_checkpoint_config(mode, runtime, base):
+    """For eval and sample of a TF1 checkpoint (which records no hyper-parameters): `base` with the
+    architecture read off the checkpoint, so that no --hpconfig is needed."""
+    from iaf_tf import checkpoints, convert, tf1_checkpoint
+
+    if mode == "train":
+        return base
+    try:
+        prefix = checkpoints.resolve(runtime.checkpoint or runtime.logdir)
+    except errors.CheckpointError:
+        return base  # the mode itself says what is missing (or waits for a checkpoint)
+    if not checkpoints.is_tf1(prefix):
+        return base
+    return convert.config_from_checkpoint(tf1_checkpoint.read(prefix), base)
 
 
 def _run_folder(mode, runtime):
