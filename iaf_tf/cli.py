@@ -38,46 +38,21 @@ def _run(mode, cfg):
 
 
 def _config(mode, flag_values):
-    """The command line's settings on top of the run's saved hyper-parameters, where the run has them
-    (`logdir/train`, or the folder of --checkpoint for eval and sample); otherwise on the defaults."""
-    from iaf_tf import config
+    """The command line's settings on top of what the run recorded (`logdir/train/hparams.cfg`, or the
+    folder of --checkpoint for eval and sample), or on the defaults for a new run."""
+    from iaf_tf import api, config
 
     given = config.given_on_command_line(flag_values)
-    defaults = config.Config().replace(**{k: v for k, v in given.items() if k not in config.HPARAM_KEYS})
-    folder = _run_folder(mode, defaults.runtime)
-    saved = config.read_run_config(folder) if folder else None
-    if saved is None:
-        return _original_checkpoint_config(mode, defaults.runtime, config.Config()).replace(**given)
-    merged, changes = config.on_top_of(saved, given, folder)
-    for key, (old, new) in changes.items() if mode != "train" else ():  # training records them itself
-        print(f"{key}: {old} → {new} (given on the command line; the run in {folder} has {old})")
-    return merged
-
-
-def _original_checkpoint_config(mode, runtime, base):
-    """For eval and sample of a TF1 checkpoint (which records no hyper-parameters): `base` with the
-    architecture read off the checkpoint, so that no --hpconfig is needed."""
-    from iaf_tf import checkpoints, convert, tf1_checkpoint
-
-    if mode == "train":
-        return base
-    try:
-        prefix = checkpoints.resolve(runtime.checkpoint or runtime.logdir)
-    except errors.CheckpointError:
-        return base  # the mode itself says what is missing (or waits for a checkpoint)
-    if not checkpoints.is_tf1(prefix):
-        return base
-    return convert.config_from_checkpoint(tf1_checkpoint.read(prefix), base)
-
-
-def _run_folder(mode, runtime):
-    """The folder whose hparams.cfg describes the weights this mode will use."""
-    if mode == "train" or not runtime.checkpoint:
-        return os.path.join(runtime.logdir, "train")
-    path = runtime.checkpoint.removesuffix(".index")
-    if os.path.isdir(path):
-        return os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
-    return os.path.dirname(os.path.abspath(path))
+    runtime = config.Config().replace(**{k: v for k, v in given.items() if k not in config.HPARAM_KEYS}).runtime
+    if mode != "train":
+        cfg, changes = api.config_for(runtime.checkpoint or runtime.logdir, given)
+        for key, (old, new) in changes.items():
+            print(f"{key}: {old} → {new} (given on the command line; the run recorded {old})")
+        return cfg
+    train_dir = os.path.join(runtime.logdir, "train")
+    saved = config.read_run_config(train_dir)
+    # Training prints and records what changed on resume (train._record_config).
+    return config.Config().replace(**given) if saved is None else config.on_top_of(saved, given, train_dir)[0]
 
 
 @contextlib.contextmanager

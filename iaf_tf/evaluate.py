@@ -13,22 +13,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from iaf_tf import checkpoints, datasets, files, images
-from iaf_tf.checkpoints import TrainState
+from iaf_tf import api, checkpoints, datasets, files, images
 from iaf_tf.errors import ConfigError, NonFiniteError
-from iaf_tf.likelihood import Evaluator
-from iaf_tf.model import to_uint8_images
 
 NUM_PICTURES = 36  # per image summary, as the original
-
-
-def load_averaged(config, path):
-    """A model of `config` with the moving-average weights of the checkpoint at `path` (a prefix, a
-    folder or a logdir; native or TF1); returns (state, step, prefix)."""
-    prefix = checkpoints.resolve(path)
-    state = TrainState(config, with_optimizer=False)
-    step = checkpoints.restore(state, prefix, weights="ema")
-    return state, step, prefix
 
 
 def _checkpoints_to_evaluate(config, say):
@@ -53,17 +41,6 @@ def _checkpoints_to_evaluate(config, say):
         waited += evaluation.poll_seconds
 
 
-def reconstructions(model, pictures, seed):
-    """Inputs interleaved with the decoder means for posterior samples of them (uint8)."""
-    out = model(tf.constant(pictures), tf.constant([seed, 1 << 30], tf.int64))
-    return images.interleave(pictures, to_uint8_images(out["mean"]).numpy())
-
-
-def prior_samples(model, num, seed, temperature=1.0):
-    mean = model.sample(num, tf.constant([seed, (1 << 30) + 1], tf.int64), temperature)
-    return to_uint8_images(mean).numpy()
-
-
 def _write_pictures(writer, out_dir, step, named_grids):
     with writer.as_default(step=step):
         for name, grid in named_grids.items():
@@ -82,23 +59,20 @@ def run_eval(config, split, print_fn=print, progress=False):
                           f"{len(split_images)} images (0 = all of them)")
     if evaluation.num_images:
         split_images = split_images[:evaluation.num_images]
-    state = TrainState(config, with_optimizer=False)
-    model = state.model
+    trained = api.TrainedModel(config)
     mode = f"eval_{split}"
     out_dir = os.path.join(logdir, mode)
-    evaluator = Evaluator(model, jit_compile=config.runtime.jit_compile)
     k = config.objective.k
     writer = None
     results = []
     for prefix in _checkpoints_to_evaluate(config, print_fn):
-        step = checkpoints.restore(state, prefix, weights="ema")
+        step = trained.load_weights(prefix)
         print_fn(f"Successfully loaded model at step={step} from {checkpoints.describe(prefix)}: its moving-average "
                  "weights.")
         begin = time.time()
-        nll = evaluator.nll(split_images, k=k, seed=seed, max_batch=evaluation.eval_batch_size,
-                            progress=progress, desc=f"{mode} k={k}")
+        nll = trained.nll(split_images, k=k, seed=seed, progress=progress)
         seconds = time.time() - begin
-        score = float(model.score(nll))
+        score = trained.score(nll)
         if not math.isfinite(score):
             raise NonFiniteError(f"the {spec.unit} of {prefix} on the {split} split is {score}: its weights are not "
                                  "usable; no result was written. Evaluate an older checkpoint with --checkpoint")
@@ -109,8 +83,8 @@ def run_eval(config, split, print_fn=print, progress=False):
             tf.summary.scalar(f"eval_{spec.unit}", score)
         pictures = split_images[:NUM_PICTURES // 2]
         _write_pictures(writer, out_dir, step, {
-            "reconstructions": images.tile(reconstructions(model, pictures, seed)),
-            "samples": images.tile(prior_samples(model, NUM_PICTURES, seed)),
+            "reconstructions": images.tile(images.interleave(pictures, trained.reconstruct(pictures, seed))),
+            "samples": images.tile(trained.sample(NUM_PICTURES, seed=seed)),
         })
         writer.flush()
         result = {"step": step, "split": split, "k": k, spec.unit: score, "images": len(split_images),
@@ -123,8 +97,9 @@ def run_eval(config, split, print_fn=print, progress=False):
 def run_sample(config, print_fn=print):
     """Write N prior samples of the latest (or given) checkpoint as a PNG grid and a uint8 .npy."""
     evaluation, logdir = config.evaluation, config.runtime.logdir
-    state, step, _ = load_averaged(config, config.runtime.checkpoint or logdir)
-    pictures = prior_samples(state.model, evaluation.num_samples, config.runtime.seed, evaluation.temperature)
+    trained = api.TrainedModel(config)
+    step = trained.load_weights(checkpoints.resolve(config.runtime.checkpoint or logdir))
+    pictures = trained.sample(evaluation.num_samples, evaluation.temperature, config.runtime.seed)
     out_dir = os.path.join(logdir, "sample")
     stem = os.path.join(out_dir, f"samples-{step}-t{evaluation.temperature:g}")
     images.write_png(stem + ".png", images.tile(pictures))

@@ -115,7 +115,7 @@ class IAFBlock(keras.layers.Layer):
     @_in_own_scope
     def up(self, x, noise=None, init=False):
         """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
-        (z, log q(z)) for up_* ones, which need `noise`."""
+        (z, log q(z), qz_mean, qz_logsd) for up_* ones, which need `noise`."""
         h, z_size = self.h_size, self.z_size
         out = self.up_conv1(self._elu(x), init=init)
         qz_mean, qz_logsd, context, hidden = tf.split(out, [z_size, z_size, self.context_size, h], axis=-1)
@@ -124,7 +124,7 @@ class IAFBlock(keras.layers.Layer):
             z = dist.gaussian_sample(qz_mean, qz_logsd, noise)
             log_q = dist.gaussian_log_density(z, qz_mean, qz_logsd)
             z, log_q = self.iaf(z, log_q, context, init=init)
-            stats = (z, log_q)
+            stats = (z, log_q, qz_mean, qz_logsd)
             hidden = tf.concat([tf.cast(z, hidden.dtype), hidden], axis=-1)
         else:
             stats = (qz_mean, qz_logsd, context)
@@ -135,7 +135,8 @@ class IAFBlock(keras.layers.Layer):
 
     @_in_own_scope
     def down(self, x, up_stats, noise, sample_prior=False, init=False):
-        """Returns (output, KL map log q(z|x) - log p(z) [n, h, w, z]); the map is None when sampling."""
+        """Returns (output, KL map log q(z|x) - log p(z) [n, h, w, z], (mean, log-scale) of the posterior's
+        Gaussian, before its IAF step); the last two are None when sampling."""
         h, z_size = self.h_size, self.z_size
         out = self.down_conv1(self._elu(x), init=init)
         if self.bottom_up:
@@ -146,15 +147,16 @@ class IAFBlock(keras.layers.Layer):
             rz_mean, rz_logsd = self._float32(rz_mean, rz_logsd)
         pz_mean, pz_logsd = self._float32(pz_mean, pz_logsd)
 
-        kl_map = None
+        kl_map = posterior = None
         if sample_prior:
             z = dist.gaussian_sample(pz_mean, pz_logsd, noise)
         else:
             if self.bottom_up:
-                z, log_q = up_stats
+                z, log_q, *posterior = up_stats
             else:
                 qz_mean, qz_logsd, up_context = up_stats
                 post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
+                posterior = (post_mean, post_logsd)
                 # The data-dependent init feeds the prior's sample through the posterior path, as the original.
                 z = dist.gaussian_sample(pz_mean if init else post_mean, pz_logsd if init else post_logsd, noise)
                 log_q = dist.gaussian_log_density(z, post_mean, post_logsd)
@@ -164,7 +166,7 @@ class IAFBlock(keras.layers.Layer):
         hidden = tf.nn.elu(tf.concat([tf.cast(z, h_det.dtype), h_det], axis=-1))
         if self.downsample:
             x = resize_nearest(x, 2)
-        return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_map
+        return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_map, posterior
 
     def named_convs(self):
         convs = {c.name: c for c in (self.up_conv1, self.up_conv3, self.down_conv1, self.down_conv2)}
@@ -253,7 +255,8 @@ class CVAE(keras.Model):
     def call(self, images, seed, k=1, init=False):
         """uint8 images [n, H, W, C] -> {"mean": decoder means [n*k, H, W, C], "log_pxz": [n*k],
         "kl_layers": per layer (bottom-up) the map log q(z|x) - log p(z) [n*k, h, w, z_size],
-        "kl": [n*k] their sum (the KL cost)}."""
+        "kl": [n*k] their sum (the KL cost), "posterior": per layer the (mean, log-scale) of q(z|x)'s
+        Gaussian before its IAF step [n*k, h, w, z_size]}."""
         if self.bernoulli:
             images = dist.binarize(images, tf.random.experimental.stateless_fold_in(seed, BINARIZE_STREAM))
         x = input_to_unit_range(images)
@@ -269,11 +272,11 @@ class CVAE(keras.Model):
             up_stats.append(stats)
 
         h = self._top(n)
-        kl_layers = [None] * len(self.blocks)
+        kl_layers, posterior = [None] * len(self.blocks), [None] * len(self.blocks)
         for index in reversed(range(len(self.blocks))):
             block, stats = self.blocks[index], up_stats[index]
             noise = None if block.bottom_up else self._noise(seed, index, tf.shape(stats[0]))
-            h, kl_layers[index] = block.down(h, stats, noise, init=init)
+            h, kl_layers[index], posterior[index] = block.down(h, stats, noise, init=init)
 
         mean, location = self._decode(h, init=init)
         return {
@@ -281,6 +284,7 @@ class CVAE(keras.Model):
             "log_pxz": self._log_likelihood(location, x),
             "kl_layers": kl_layers,
             "kl": tf.add_n([tf.reduce_sum(kl_map, axis=[1, 2, 3]) for kl_map in kl_layers]),
+            "posterior": [tuple(p) for p in posterior],
         }
 
     def initialize(self, images, seed):
@@ -297,7 +301,7 @@ class CVAE(keras.Model):
         for index in reversed(range(len(self.blocks))):
             block = self.blocks[index]
             noise = self._noise(seed, index, self._z_shape(num_images, index), temperature)
-            h, _ = block.down(h, None, noise, sample_prior=True)
+            h, _, _ = block.down(h, None, noise, sample_prior=True)
         return self._decode(h)[0]
 
     def build_for(self, batch_size=1):
