@@ -9,7 +9,7 @@ import traceback
 
 from iaf_tf import errors  # no TensorFlow here: its log level is set in run() before it is imported
 
-MODES = ["train", "eval_test", "eval_train", "sample"]
+MODES = ["train", "eval_test", "eval_train", "sample", "export"]
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_BUG = 2, 3, 1
 
 
@@ -33,6 +33,8 @@ def _run(mode, cfg):
         train.train(cfg)
     elif mode == "sample":
         evaluate.run_sample(cfg)
+    elif mode == "export":
+        evaluate.run_export(cfg)
     else:
         evaluate.run_eval(cfg, mode.split("_", 1)[1], progress=sys.stderr.isatty())
 

@@ -1,4 +1,5 @@
-"""`--mode eval_test|eval_train|sample`: evaluate or sample the moving-average weights of checkpoints.
+"""`--mode eval_test|eval_train|sample|export`: evaluate, sample or export the moving-average weights of
+checkpoints.
 
 Like the original, evaluation watches `logdir/train` and evaluates each new checkpoint as it appears;
 `once` evaluates the latest (or a given) checkpoint and returns. A checkpoint of the original TF1 code
@@ -106,3 +107,14 @@ def run_sample(config, print_fn=print):
     np.save(stem + ".npy", pictures)
     print_fn(f"Wrote {len(pictures)} samples of step {step} to {stem}.png and {stem}.npy")
     return stem
+
+
+def run_export(config, print_fn=print):
+    """Write a SavedModel of the latest (or given) checkpoint's moving-average weights (iaf_tf.export)."""
+    from iaf_tf import export
+
+    trained = api.TrainedModel(config)
+    step = trained.load_weights(checkpoints.resolve(config.runtime.checkpoint or config.runtime.logdir))
+    out_dir = export.export(trained, os.path.join(config.runtime.logdir, "export", f"step-{step}"))
+    print_fn(f"Wrote a SavedModel of the moving-average weights of step {step} to {out_dir}")
+    return out_dir

@@ -230,7 +230,7 @@ class CVAE(keras.Model):
 
     def _noise(self, seed, index, shape, temperature=1.0):
         noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
-        return noise if temperature == 1.0 else noise * temperature
+        return noise * temperature  # exact for 1.0; a tensor temperature for the exported sampler
 
     def _top(self, n):
         h_top = tf.reshape(tf.convert_to_tensor(self.h_top), [1, 1, 1, -1])

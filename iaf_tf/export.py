@@ -1,0 +1,62 @@
+"""`--mode export`: a SavedModel of a checkpoint's moving-average weights that plain TensorFlow can use,
+without iaf_tf installed (README, "Export").
+
+Signatures:
+- `score(images uint8 [N, H, W, C], seed int64 [])` -> {"nll": per-image negative ELBO in nats [N],
+  "bits_per_dim": the same per image in bits per scored dimension [N]};
+- `sample(num_images int32 [], temperature float32 [], seed int64 [])` -> {"images": uint8 [n, H, W, C]}.
+"""
+
+import math
+import os
+import shutil
+
+import tensorflow as tf
+
+from iaf_tf import files
+from iaf_tf.model import to_uint8_images
+from iaf_tf.variables import Untracked
+
+
+class _Servable(tf.Module):
+    def __init__(self, model):
+        super().__init__(name="iaf_vae")
+        # Not tracked: saving a tracked Keras model would also trace its own serving function. The
+        # variables are tracked below instead.
+        self._model = Untracked(model)
+        shape = [None, model.image_size, model.image_size, model.channels]
+        self.score = tf.function(self._score, input_signature=[tf.TensorSpec(shape, tf.uint8, name="images"),
+                                                               tf.TensorSpec([], tf.int64, name="seed")])
+        self.sample = tf.function(self._sample, input_signature=[
+            tf.TensorSpec([], tf.int32, name="num_images"), tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([], tf.int64, name="seed")])
+        # A SavedModel holds the variables its functions read only if the module tracks them; the model's
+        # masks are kept out of Keras' tracking on purpose, so collect what the traced functions capture.
+        captured = {}
+        for function in (self.score.get_concrete_function(), self.sample.get_concrete_function()):
+            captured.update({id(v): v for v in function.variables})
+        self.captured_variables = list(captured.values())
+
+    def _score(self, images, seed):
+        out = self._model.value(images, tf.stack([seed, tf.constant(0, tf.int64)]))
+        nll = out["kl"] - out["log_pxz"]
+        return {"nll": nll, "bits_per_dim": nll / (math.log(2.0) * self._model.value.num_dims)}
+
+    def _sample(self, num_images, temperature, seed):
+        mean = self._model.value.sample(num_images, tf.stack([seed, tf.constant(1, tf.int64)]), temperature)
+        return {"images": to_uint8_images(mean)}
+
+
+def export(trained, out_dir):
+    """Write a SavedModel of `trained` (an api.TrainedModel with its weights loaded) to out_dir."""
+    files.check_writable(out_dir, "--logdir")
+    servable = _Servable(trained.model)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    try:
+        tf.saved_model.save(servable, tmp, signatures={"score": servable.score, "sample": servable.sample})
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
