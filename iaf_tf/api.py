@@ -92,13 +92,11 @@ class TrainedModel:
 
     def sample(self, num_images, temperature=1.0, seed=0):
         """uint8 images decoded from z drawn from the prior (its noise scaled by `temperature`)."""
-        mean = self.model.sample(num_images, tf.constant([seed, _SAMPLE_STREAM], tf.int64), temperature)
-        return to_uint8_images(mean).numpy()
+        return samples(self.model, num_images, temperature, seed)
 
     def reconstruct(self, images, seed=0):
         """uint8 decoder means for one posterior sample of each image."""
-        out = self.model(tf.constant(images), tf.constant([seed, _RECONSTRUCTION_STREAM], tf.int64))
-        return to_uint8_images(out["mean"]).numpy()
+        return reconstructions(self.model, images, seed)
 
     def encode(self, images, seed=0):
         """The latent code: per stochastic layer, bottom-up, {"layer": (level, block), "mean", "log_scale"}
@@ -107,3 +105,15 @@ class TrainedModel:
         out = self.model(tf.constant(images), tf.constant([seed, _ENCODE_STREAM], tf.int64))
         return [{"layer": index, "mean": mean.numpy(), "log_scale": log_scale.numpy()}
                 for index, (mean, log_scale) in zip(self.model.block_index, out["posterior"])]
+
+
+def samples(model, num_images, temperature=1.0, seed=0):
+    """uint8 images decoded from z drawn from the prior of `model` (a CVAE)."""
+    mean = model.sample(num_images, tf.constant([seed, _SAMPLE_STREAM], tf.int64), temperature)
+    return to_uint8_images(mean).numpy()
+
+
+def reconstructions(model, images, seed=0):
+    """uint8 decoder means of `model` (a CVAE) for one posterior sample of each image."""
+    out = model(tf.constant(images), tf.constant([seed, _RECONSTRUCTION_STREAM], tf.int64))
+    return to_uint8_images(out["mean"]).numpy()

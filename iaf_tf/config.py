@@ -140,6 +140,8 @@ class TrainingConfig:
     max_steps: int = flag(0, "Stop training at this step (0 = run until stopped, as the original).", non_negative)
     checkpoint_every: int = flag(100, "Steps between checkpoints.", positive)
     summary_every: int = flag(20, "Steps between TensorBoard summaries and console lines.", positive)
+    image_every: int = flag(1000, "Steps between samples and reconstructions of the moving-average weights "
+                                  "(TensorBoard images and PNGs in <logdir>/train; 0 = none).", non_negative)
     max_skips: int = hparam(10, "Stop after this many consecutive steps with a non-finite loss or gradient "
                                 "(each is skipped).", positive)
     max_to_keep: int = setting(5, "Checkpoints kept in <logdir>/train.", positive)

@@ -4,6 +4,8 @@
 the original's: shadow <- shadow - (1 - decay) * (shadow - weight), constant decay.
 """
 
+import contextlib
+
 import tensorflow as tf
 
 from iaf_tf.variables import Untracked, tf_variable
@@ -43,6 +45,17 @@ class WeightAverages(tf.Module):
             for shadow_copy, var_copy in zip(_copies(shadow), _copies(tf_variable(var))):
                 with tf.device(shadow_copy.device):
                     _move_towards_fn(shadow_copy, var_copy, rate)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averages in the weights for the duration (pictures during training), then the weights back."""
+        saved = [tf.identity(tf.convert_to_tensor(v)) for v in self._weights.value]
+        self.copy_to_weights()
+        try:
+            yield
+        finally:
+            for value, var in zip(saved, self._weights.value):
+                var.assign(value)
 
     def copy_to_weights(self):
         for shadow, var in zip(self.shadows, self._weights.value):

@@ -42,13 +42,6 @@ def _checkpoints_to_evaluate(config, say):
         waited += evaluation.poll_seconds
 
 
-def _write_pictures(writer, out_dir, step, named_grids):
-    with writer.as_default(step=step):
-        for name, grid in named_grids.items():
-            tf.summary.image(name, grid[None], max_outputs=1)
-            images.write_png(os.path.join(out_dir, f"{name}-{step}.png"), grid)
-
-
 def run_eval(config, split, print_fn=print, progress=False):
     """Evaluate checkpoints on a split ("test" or "train"); returns the list of result dicts."""
     evaluation, logdir, seed = config.evaluation, config.runtime.logdir, config.runtime.seed
@@ -83,7 +76,7 @@ def run_eval(config, split, print_fn=print, progress=False):
         with writer.as_default(step=step):
             tf.summary.scalar(f"eval_{spec.unit}", score)
         pictures = split_images[:NUM_PICTURES // 2]
-        _write_pictures(writer, out_dir, step, {
+        images.write_pictures(writer, out_dir, step, {
             "reconstructions": images.tile(images.interleave(pictures, trained.reconstruct(pictures, seed))),
             "samples": images.tile(trained.sample(NUM_PICTURES, seed=seed)),
         })

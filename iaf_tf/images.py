@@ -1,6 +1,7 @@
-"""Image grids and PNG files for samples and reconstructions."""
+"""Image grids, PNG files and TensorBoard pictures of samples and reconstructions."""
 
 import math
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -33,3 +34,17 @@ def interleave(first, second):
 def write_png(path, image):
     """Write a uint8 [H, W, C] image (C = 1 or 3) atomically."""
     files.write_atomically(path, tf.io.encode_png(np.asarray(image, np.uint8)).numpy())
+
+
+def upscale(image, factor):
+    """Nearest-neighbour enlargement of a [H, W, C] image, so that 32x32 images are visible at a glance."""
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def write_pictures(writer, out_dir, step, named_grids, scale=1):
+    """Each grid as a TensorBoard image and as <out_dir>/<name>-<step>.png."""
+    with writer.as_default(step=step):
+        for name, grid in named_grids.items():
+            grid = upscale(grid, scale)
+            tf.summary.image(name, grid[None], max_outputs=1)
+            write_png(os.path.join(out_dir, f"{name}-{step}.png"), grid)

@@ -15,7 +15,8 @@ import time
 
 import tensorflow as tf
 
-from iaf_tf import checkpoints, datasets, files
+from iaf_tf import api, checkpoints, datasets, files
+from iaf_tf import images as images_lib
 from iaf_tf import config as cfg_lib
 from iaf_tf import data as data_lib
 from iaf_tf import distributions as dist
@@ -23,6 +24,9 @@ from iaf_tf.checkpoints import TrainState
 from iaf_tf.devices import replica_devices
 from iaf_tf.errors import CheckpointError, ConfigError, NonFiniteError
 from iaf_tf.model import count_trainable_parameters
+
+
+PICTURES, PICTURE_SCALE = 36, 4  # images per grid (half of them inputs, for reconstructions); enlargement
 
 
 def free_bits_kl(kl_map, kl_min):
@@ -198,7 +202,7 @@ def train(config, trainer=None, on_step=None, print_fn=print):
         _restore_or_start(trainer, saver, images, say)
         if is_chief:
             _record_config(train_dir, config, int(trainer.step.numpy()), say)
-        log = _Log(trainer, train_dir, is_chief, say)
+        log = _Log(trainer, train_dir, is_chief, say, images[:PICTURES // 2])
         status, metrics = _loop(trainer, images, saver, log, on_step)
         log.close()
         if status == "non_finite":
@@ -343,9 +347,13 @@ def _loop(trainer, images, saver, log, on_step):
 class _Log:
     """The console lines and TensorBoard summaries of the training loop."""
 
-    def __init__(self, trainer, train_dir, is_chief, say):
+    def __init__(self, trainer, train_dir, is_chief, say, pictures):
         self.trainer = trainer
+        self.train_dir = train_dir
         self.say = say
+        # Training images to reconstruct; none on other workers than the chief, which writes nothing.
+        self.pictures = pictures if is_chief else None
+        self.image_every = trainer.config.training.image_every
         self.summary_every = trainer.config.training.summary_every
         self.unit = trainer.spec.unit
         self.writer = tf.summary.create_file_writer(train_dir) if is_chief else tf.summary.create_noop_writer()
@@ -373,6 +381,8 @@ class _Log:
             self.line_start = time.time()
         if step % self.summary_every == 0 or self.consecutive_skips:
             self._summaries(step, metrics)
+        if self.image_every and step % self.image_every == 0 and self.pictures is not None:
+            self._write_pictures(step)
         self.steps_logged += 1
 
     def _summaries(self, step, metrics):
@@ -386,6 +396,17 @@ class _Log:
             tf.summary.scalar("train/skipped_steps", self.trainer.skipped)
         self.writer.flush()
         self.window_start, self.window_images = time.time(), 0
+
+    def _write_pictures(self, step):
+        """Reconstructions and prior samples of the moving-average weights, what evaluation will score."""
+        seed = self.trainer.config.runtime.seed
+        with self.trainer.averages.swapped_in():
+            grids = {"reconstructions": images_lib.interleave(
+                         self.pictures, api.reconstructions(self.trainer.model, self.pictures, seed)),
+                     "samples": api.samples(self.trainer.model, PICTURES, seed=seed)}
+        images_lib.write_pictures(self.writer, self.train_dir, step,
+                                  {name: images_lib.tile(grid) for name, grid in grids.items()}, scale=PICTURE_SCALE)
+        self.writer.flush()
 
     def close(self):
         self.writer.close()
