@@ -15,10 +15,6 @@ import tensorflow as tf
 _L2_EPSILON = 1e-12
 
 
-def _l2_normalize(v, axes):
-    return v * tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(v), axes, keepdims=True), _L2_EPSILON))
-
-
 def linear_ar_mask(n_in, n_out, zerodiagonal=False):
     """[n_in, n_out] 0/1 mask that lets output group i see input groups up to i (before i if zerodiagonal).
 
@@ -51,66 +47,108 @@ def conv_ar_mask(kh, kw, n_in, n_out, zerodiagonal=False):
     return mask
 
 
-def _weight_norm(v, g, mask, gain):
-    """Kernel gain * exp(g) * w / ||w|| of a [kh, kw, in, out] direction w = v * mask (norms per output
-    channel), with the ops of `_l2_normalize`, and what its gradient needs."""
+def _wn_kernel(v, g=None, mask=None, gain=1.0, transpose=False):
+    """gain * exp(g) * w / ||w|| with w = v * mask, and what `_wn_kernel_grad` needs.
+
+    The norm runs over the first three axes of v; exp(g) scales axis 3 of a conv's [kh, kw, in, out]
+    kernel and axis 2 of a transposed conv's [kh, kw, out, in] one (its output channels). Without g
+    (and gain 1) this is the unit direction. The ops are tf.nn.l2_normalize's, floor included.
+    """
     w = v if mask is None else v * mask
     sq_norm = tf.reduce_sum(tf.square(w), [0, 1, 2], keepdims=True)
     inv_norm = tf.math.rsqrt(tf.maximum(sq_norm, _L2_EPSILON))
-    scale = tf.reshape(tf.exp(g), [1, 1, 1, -1])
+    scale = None if g is None else tf.reshape(tf.exp(g), [1, 1, -1, 1] if transpose else [1, 1, 1, -1])
     if gain != 1.0:
-        scale = scale * gain
-    return scale * (w * inv_norm), (sq_norm, inv_norm, scale)
+        scale = gain if scale is None else scale * gain
+    direction = w * inv_norm
+    kernel = direction if scale is None else scale * direction
+    return kernel, (sq_norm, inv_norm, scale)
 
 
-def _weight_norm_grad(dk, v, mask, sq_norm, inv_norm, scale):
-    """(d/dv, d/dg) of `_weight_norm` given d/dkernel.
+def _wn_kernel_grad(dk, kernel, v, mask, sq_norm, inv_norm, scale, transpose=False):
+    """(d/dv, d/dg) of `_wn_kernel` given d/dkernel.
 
-    kernel = s w r with r = max(|w|^2, eps)^-1/2, so d/dw = s r dk - s r^3 <dk, w> w (no second term where
-    the floor holds) and d/dg = s r <dk, w>; the mask zeroes what it cut (w = v * mask, mask is 0/1).
+    With u = scale * dk (the gradient of the direction w r, r = max(|w|^2, eps)^-1/2): d/dw = r u -
+    r^3 <u, w> w, the second term absent where the floor holds; the mask zeroes what it cut (it is 0/1).
+    The kernel is proportional to exp(g), so d/dg is <dk, kernel> per scaled channel.
     """
     w = v if mask is None else v * mask
-    dot = tf.reduce_sum(dk * w, [0, 1, 2], keepdims=True)
-    scaled = scale * inv_norm
-    norm_term = tf.where(sq_norm > _L2_EPSILON, -scaled * tf.square(inv_norm) * dot, tf.zeros_like(dot))
-    dv = dk * scaled + v * norm_term
+    u = dk * scale
+    dot = tf.reduce_sum(u * w, [0, 1, 2], keepdims=True)
+    norm_term = tf.where(sq_norm > _L2_EPSILON, -tf.square(inv_norm) * inv_norm * dot, tf.zeros_like(dot))
+    dv = u * inv_norm + w * norm_term
     if mask is not None:
         dv = dv * mask
-    return dv, tf.reshape(scaled * dot, [-1])
+    dg = tf.reduce_sum(dk * kernel, [0, 1, 3] if transpose else [0, 1, 2])
+    return dv, dg
 
 
-def _wn_conv2d(x, v, g, b, residual, mask, strides, gain):
-    """[residual +] conv2d(x, gain * weight-normed kernel) + gain * b, 'SAME' padding, computed in x.dtype.
+def _conv(x, kernel, strides, transpose, filters):
+    """'SAME' conv2d, or conv2d_transpose to stride times x's (static) size, computed in x.dtype."""
+    kernel = tf.cast(kernel, x.dtype)
+    if not transpose:
+        return tf.nn.conv2d(x, kernel, strides=strides, padding="SAME")
+    output_shape = [tf.shape(x)[0], x.shape[1] * strides[1], x.shape[2] * strides[2], filters]
+    return tf.nn.conv2d_transpose(x, kernel, output_shape=output_shape, strides=strides, padding="SAME")
+
+
+def _after(dy, v):
+    """v, as a tensor that exists only once dy does.
+
+    Without this data dependency the graph optimizers (Grappler's common-subexpression pass, XLA's CSE)
+    merge the backward pass's kernel recomputation with the forward one, and the forward's kernel and
+    masked copies stay alive until the backward pass after all. The added term is 0 for finite dy
+    (NaN otherwise, when the gradient is NaN anyway); TF's recompute_grad guards the same way.
+    """
+    first = tf.reduce_sum(tf.cast(tf.reshape(dy, [-1])[:1], v.dtype))
+    return v + tf.where(tf.equal(first, first), tf.zeros([], v.dtype), tf.constant(float("nan"), v.dtype))
+
+
+def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
+    """[residual +] conv(x, gain * weight-normed kernel) + gain * b, 'SAME' padding, computed in x.dtype;
+    conv is conv2d, or conv2d_transpose with `transpose`.
 
     The gradient is written out so that the backward pass recomputes the kernel from v and g (a few
     passes over the weights) instead of keeping every layer's kernel alive from the forward pass, and
     the masked and normalized copies that autodiff would keep as well: for the README recipe that is
-    160 MB per copy. The forward ops are those of the autodiff version (Conv2D, BiasAdd, AddV2, which
-    oneDNN fuses into one op) and so are the backward convolutions.
+    160 MB per copy. The forward ops are those of the autodiff version (Conv2D or Conv2DBackpropInput,
+    BiasAdd, AddV2, which oneDNN fuses for the conv) and so are the backward convolutions.
     """
     strides = [1, *strides, 1]
     has_residual = residual is not None
+    filters = v.shape[2] if transpose else v.shape[3]
 
     @tf.custom_gradient
     def conv(x, v, g, b, *rest):
-        kernel, _ = _weight_norm(v, g, mask, gain)
-        out = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=strides, padding="SAME")
+        # Unwatched: an eager tape would otherwise record the ops below and keep the kernel and its
+        # intermediates alive until the backward pass, although the gradient comes from grad().
+        x, v, g, b, *rest = (tf.stop_gradient(t) for t in (x, v, g, b, *rest))
+        kernel, _ = _wn_kernel(v, g, mask, gain, transpose)
+        out = _conv(x, kernel, strides, transpose, filters)
         out = tf.nn.bias_add(out, tf.cast(b * gain if gain != 1.0 else b, x.dtype))
         if has_residual:
             out = rest[0] + tf.cast(out, rest[0].dtype)
 
         def grad(dy):
-            kernel, (sq_norm, inv_norm, scale) = _weight_norm(v, g, mask, gain)
+            v_now = _after(dy, v)
+            kernel, saved = _wn_kernel(v_now, g, mask, gain, transpose)
             dy_conv = tf.cast(dy, x.dtype)
-            dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=tf.cast(kernel, x.dtype),
-                                                out_backprop=dy_conv, strides=strides, padding="SAME")
-            dk = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy_conv,
-                                                 strides=strides, padding="SAME")
+            kernel_conv = tf.cast(kernel, x.dtype)
+            if transpose:
+                # conv2d_transpose(x, K) is the input gradient of conv2d(., K): the gradients swap roles.
+                dx = tf.nn.conv2d(dy_conv, kernel_conv, strides=strides, padding="SAME")
+                dk = tf.raw_ops.Conv2DBackpropFilter(input=dy_conv, filter_sizes=tf.shape(kernel), out_backprop=x,
+                                                     strides=strides, padding="SAME")
+            else:
+                dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel_conv,
+                                                    out_backprop=dy_conv, strides=strides, padding="SAME")
+                dk = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy_conv,
+                                                     strides=strides, padding="SAME")
             # In float32 even when the conv is bfloat16: a bfloat16 sum over batch and positions is too coarse.
             db = tf.raw_ops.BiasAddGrad(out_backprop=tf.cast(dy, b.dtype))
             if gain != 1.0:
                 db = db * gain
-            dv, dg = _weight_norm_grad(tf.cast(dk, v.dtype), v, mask, sq_norm, inv_norm, scale)
+            dv, dg = _wn_kernel_grad(tf.cast(dk, v.dtype), kernel, v_now, mask, *saved, transpose)
             return (dx, dv, dg, db) + ((dy,) if has_residual else ())
 
         return out, grad
@@ -140,10 +178,13 @@ class WNConv2D(keras.layers.Layer):
         self.init_scale = init_scale
         self.mask = None if mask is None else np.asarray(mask, np.float32)
         self.conv_dtype = tf.as_dtype(conv_dtype)
+        self.input_grid = None  # (H, W) of the input, set by build
         if transpose and mask is not None:
             raise ValueError("masked transposed convolutions are not supported")
 
     def build(self, input_shape):
+        # For the analytic FLOP count (iaf_tf.flops), which needs the grid the conv runs on.
+        self.input_grid = tuple(input_shape[1:3])
         in_channels = int(input_shape[-1])
         kh, kw = self.kernel_size
         shape = [kh, kw, self.filters, in_channels] if self.transpose else [kh, kw, in_channels, self.filters]
@@ -168,27 +209,12 @@ class WNConv2D(keras.layers.Layer):
 
     def direction(self):
         """The masked, unit-norm kernel direction."""
-        v = tf.convert_to_tensor(self.V)
-        if self.mask is not None:
-            v = v * self._mask
-        return _l2_normalize(v, [0, 1, 2])
+        return _wn_kernel(tf.convert_to_tensor(self.V), mask=self._mask)[0]
 
     def kernel(self, gain=1.0):
         """exp(g) * direction (times a constant `gain`), float32."""
-        scale = tf.exp(tf.convert_to_tensor(self.g))
-        if gain != 1.0:
-            scale = scale * gain
-        scale = tf.reshape(scale, [1, 1, -1, 1] if self.transpose else [1, 1, 1, -1])
-        return scale * self.direction()
-
-    def _apply(self, x, kernel):
-        kernel = tf.cast(kernel, x.dtype)
-        if not self.transpose:
-            return tf.nn.conv2d(x, kernel, strides=[1, *self.strides, 1], padding="SAME")
-        batch = tf.shape(x)[0]
-        height, width = x.shape[1] * self.strides[0], x.shape[2] * self.strides[1]
-        return tf.nn.conv2d_transpose(x, kernel, output_shape=[batch, height, width, self.filters],
-                                      strides=[1, *self.strides, 1], padding="SAME")
+        return _wn_kernel(tf.convert_to_tensor(self.V), tf.convert_to_tensor(self.g), self._mask, gain,
+                          self.transpose)[0]
 
     def call(self, x, init=False, residual=None, gain=1.0):
         """conv(x) + b in `conv_dtype`; with `residual`: residual + gain * (conv(x) + b) in the residual's
@@ -198,13 +224,8 @@ class WNConv2D(keras.layers.Layer):
             if residual is None:
                 return out
             return residual + (gain * out if gain != 1.0 else tf.cast(out, residual.dtype))
-        x = tf.cast(x, self.conv_dtype)
-        if not self.transpose:
-            return _wn_conv2d(x, tf.convert_to_tensor(self.V), tf.convert_to_tensor(self.g),
-                              tf.convert_to_tensor(self.b), residual, self._mask, self.strides, gain)
-        bias = tf.convert_to_tensor(self.b)
-        out = tf.nn.bias_add(self._apply(x, self.kernel(gain)), tf.cast(bias * gain if gain != 1.0 else bias, x.dtype))
-        return out if residual is None else residual + tf.cast(out, residual.dtype)
+        return _wn_conv2d(tf.cast(x, self.conv_dtype), tf.convert_to_tensor(self.V), tf.convert_to_tensor(self.g),
+                          tf.convert_to_tensor(self.b), residual, self._mask, self.strides, gain, self.transpose)
 
     def _data_dependent_init(self, x):
         """Standardize the output on this batch to `init_scale` and store the matching g and b.
@@ -213,8 +234,7 @@ class WNConv2D(keras.layers.Layer):
         scale it just measured) while returning the exactly standardized output for the layers above it.
         Both quirks change the numbers, so both are kept. It runs in float32 whatever `conv_dtype` is.
         """
-        x = tf.cast(x, tf.float32)
-        out = self._apply(x, self.direction())
+        out = _conv(tf.cast(x, tf.float32), self.direction(), [1, *self.strides, 1], self.transpose, self.filters)
         mean, variance = tf.nn.moments(out, axes=[0, 1, 2])
         scale = self.init_scale / tf.sqrt(variance + 1e-10)
         self.g.assign(tf.math.log(scale) / 3.0)

@@ -1,5 +1,6 @@
 """Weight-normed convolutions, autoregressive masks and the IAF network, checked against float64 NumPy
-versions of the original's (openai/iaf tf_utils/layers.py) rules."""
+versions of the original's (openai/iaf tf_utils/layers.py) rules; the convolutions' hand-written
+gradients against autodiff."""
 
 import numpy as np
 import pytest
@@ -254,6 +255,157 @@ def test_mask_shape_mismatch_is_rejected():
     layer = WNConv2D(4, (3, 3), mask=conv_ar_mask(3, 3, 2, 4))
     with pytest.raises(ValueError):
         layer(tf.zeros([1, 4, 4, 3]))
+
+
+# ---------------------------------------------------------------- gradient
+# The layer's gradient is written out (it recomputes the kernel instead of keeping it); these compare it
+# with autodiff through the plain formula residual + gain * (conv(x, exp(g) * (V*mask) / ||V*mask||) + b).
+
+
+def autodiff_reference(layer, x, residual=None, gain=1.0):
+    v = tf.convert_to_tensor(layer.V)
+    if layer.mask is not None:
+        v = v * layer.mask
+    direction = v / tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(v), [0, 1, 2], keepdims=True), 1e-12))
+    scale = tf.exp(tf.convert_to_tensor(layer.g))
+    strides = [1, *layer.strides, 1]
+    if layer.transpose:
+        kernel = tf.reshape(scale, [1, 1, -1, 1]) * direction
+        n, h, w, _ = x.shape
+        out_shape = [n, h * layer.strides[0], w * layer.strides[1], layer.filters]
+        out = tf.nn.conv2d_transpose(x, kernel, out_shape, strides, "SAME")
+    else:
+        kernel = tf.reshape(scale, [1, 1, 1, -1]) * direction
+        out = tf.nn.conv2d(x, kernel, strides, "SAME")
+    out = out + layer.b
+    return out if residual is None else residual + gain * out
+
+
+def _layer_and_inputs(rng, in_ch, out_ch, kernel_size, stride, transpose=False, masked=False, size=8):
+    mask = conv_ar_mask(*kernel_size, in_ch, out_ch) if masked else None
+    layer = WNConv2D(out_ch, kernel_size, (stride, stride), transpose=transpose, mask=mask)
+    x = tf.constant(rng.normal(size=[2, size, size, in_ch]), tf.float32)
+    layer.build(x.shape)
+    randomize(layer, rng)
+    return layer, x
+
+
+@pytest.mark.parametrize("in_ch,out_ch,kernel_size,stride,transpose,masked,with_residual,gain", [
+    (4, 8, (3, 3), 1, False, True, True, 0.1),    # IAF hidden layer with the context as residual
+    (8, 4, (3, 3), 1, False, True, False, 1.0),   # IAF head
+    (6, 6, (3, 3), 2, False, False, False, 1.0),  # downsampling up_conv1
+    (3, 5, (5, 5), 2, False, False, False, 1.0),  # x_enc
+    (4, 4, (3, 3), 1, False, False, True, 0.1),   # residual conv of a block
+    (4, 4, (3, 3), 1, False, False, True, 1.0),
+    (6, 3, (5, 5), 2, True, False, False, 1.0),   # x_dec
+    (6, 6, (3, 3), 2, True, False, True, 0.1),    # down_deconv2 of a downsampling block
+    (4, 5, (3, 3), 2, True, False, True, 1.0),
+    (5, 4, (4, 4), 2, True, False, False, 1.0),   # an even kernel: asymmetric SAME padding
+    (3, 4, (3, 3), 1, True, False, True, 0.1),
+])
+def test_gradient_matches_autodiff(in_ch, out_ch, kernel_size, stride, transpose, masked, with_residual, gain):
+    rng = np.random.default_rng(0)
+    layer, x = _layer_and_inputs(rng, in_ch, out_ch, kernel_size, stride, transpose, masked, 4 if transpose else 8)
+    out_shape = layer.compute_output_shape(x.shape)
+    residual = tf.constant(rng.normal(size=out_shape), tf.float32) if with_residual else None
+    weights = tf.constant(rng.normal(size=out_shape), tf.float32)
+    sources = [x, layer.V, layer.g, layer.b] + ([residual] if with_residual else [])
+
+    results = []
+    for fn in (lambda: layer(x, residual=residual, gain=gain), lambda: autodiff_reference(layer, x, residual, gain)):
+        with tf.GradientTape() as tape:
+            tape.watch([x] + ([residual] if with_residual else []))
+            out = fn()
+            loss = tf.reduce_sum(out * weights)
+        results.append([out] + tape.gradient(loss, sources))
+    for got, want, name in zip(*results, ["output", "x", "V", "g", "b", "residual"]):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6 * np.abs(want.numpy()).max(), err_msg=name)
+    if masked:  # taps the mask cuts get no gradient
+        np.testing.assert_array_equal(results[0][2].numpy()[layer.mask == 0], 0.0)
+
+
+def test_transposed_conv_with_residual_and_gain_matches_numpy():
+    rng = np.random.default_rng(10)
+    layer, x = _layer_and_inputs(rng, 6, 4, (3, 3), 2, transpose=True, size=4)
+    residual = rng.normal(size=[2, 8, 8, 4]).astype(np.float32)
+    out = layer(x, residual=tf.constant(residual), gain=0.1).numpy()
+    expected = residual + 0.1 * (np_conv2d_transpose_same(x.numpy(), np_kernel(layer), 2) + layer.b.numpy())
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_backward_pass_recomputes_the_kernel_after_the_forward_pass(transpose):
+    # If the backward kernel did not depend on the upstream gradient, graph optimizers would merge it
+    # with the forward one (common subexpressions), which would then stay alive until the backward pass.
+    layer, x = _layer_and_inputs(np.random.default_rng(11), 4, 4, (3, 3), 2 if transpose else 1, transpose,
+                                 size=4)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x)))
+        return tape.gradient(loss, [x, layer.V])
+
+    graph = tf.function(step).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    forward_type, backward_type = ("Conv2DBackpropInput", "Conv2D") if transpose else ("Conv2D", "Conv2DBackpropInput")
+    (forward,) = [op for op in graph.get_operations() if op.type == forward_type]
+    (backward,) = [op for op in graph.get_operations() if op.type == backward_type]
+    forward_kernel, backward_kernel = forward.inputs[1], backward.inputs[1]
+    assert forward_kernel is not backward_kernel
+    # What the backward kernel is computed from, up to the forward conv's output (through dy).
+    ancestors, todo = set(), [backward_kernel.op]
+    while todo:
+        op = todo.pop()
+        if op not in ancestors:
+            ancestors.add(op)
+            if op is not forward:
+                todo += [t.op for t in op.inputs] + list(op.control_inputs)
+    assert forward in ancestors
+    assert forward_kernel.op not in ancestors
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_eager_tape_keeps_no_kernel_copies(transpose):
+    # In eager mode tf.custom_gradient runs the forward function under the caller's tape, which would
+    # record its ops (and hold the kernel) unless their inputs are unwatched.
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        pytest.skip("this CPU allocator keeps no statistics (TF_ENABLE_ONEDNN_OPTS=0)")
+    layer = WNConv2D(512, strides=(2, 2) if transpose else (1, 1), transpose=transpose)
+    x = tf.random.normal([1, 2, 2, 512])
+    layer.build(x.shape)
+    kernel_bytes = 3 * 3 * 512 * 512 * 4
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x))
+        kept = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+    assert kept < kernel_bytes / 2, f"{kept} bytes held after the forward pass"
+    assert tape.gradient(loss, layer.V) is not None
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bfloat16_conv_gradient_is_close_to_float32(transpose):
+    rng = np.random.default_rng(1)
+    layers = {dtype: WNConv2D(16, strides=(2, 2) if transpose else (1, 1), transpose=transpose, conv_dtype=dtype)
+              for dtype in ("float32", "bfloat16")}
+    x = tf.constant(rng.normal(size=[2, 8, 8, 16]), tf.float32)
+    for layer in layers.values():
+        layer.build(x.shape)
+    layers["bfloat16"].set_weights(layers["float32"].get_weights())
+    weights = tf.constant(rng.normal(size=layers["float32"].compute_output_shape(x.shape)), tf.float32)
+    grads = {}
+    for dtype, layer in layers.items():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x)
+            assert out.dtype == dtype
+            loss = tf.reduce_sum(tf.cast(out, tf.float32) * weights)
+        grads[dtype] = tape.gradient(loss, [x, layer.V, layer.g, layer.b])
+    for got, want in zip(grads["bfloat16"], grads["float32"]):
+        assert got.dtype == tf.float32
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.02 * np.abs(want.numpy()).max())
 
 
 # ---------------------------------------------------------------- data-dependent init
