@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from iaf_tf.variables import Untracked
+
 # tf.nn.l2_normalize's floor on the squared norm, which the original's kernels go through.
 _L2_EPSILON = 1e-12
 
@@ -156,6 +158,7 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
     return conv(x, v, g, b, *((residual,) if has_residual else ()))
 
 
+@keras.saving.register_keras_serializable(package="iaf_tf")
 class WNConv2D(keras.layers.Layer):
     """Weight-normalized 2-D convolution (or transposed convolution) with data-dependent init.
 
@@ -165,10 +168,13 @@ class WNConv2D(keras.layers.Layer):
 
     `conv_dtype` is the dtype the convolution computes in (bfloat16 for mixed precision): the input and
     the kernel are cast to it, the kernel itself is always computed from the float32 variables.
+
+    `mask` is a fixed 0/1 array of V's shape; `ar_zerodiagonal` (True or False) makes it the IAF network's
+    autoregressive mask (see conv_ar_mask) for whatever input channels the layer is built with.
     """
 
     def __init__(self, filters, kernel_size=(3, 3), strides=(1, 1), transpose=False, init_scale=0.1,
-                 mask=None, conv_dtype="float32", **kwargs):
+                 mask=None, conv_dtype="float32", ar_zerodiagonal=None, **kwargs):
         # Keras would cast floating inputs to the layer's float32 compute dtype; the dtypes here are ours.
         super().__init__(autocast=False, **kwargs)
         self.filters = filters
@@ -177,10 +183,13 @@ class WNConv2D(keras.layers.Layer):
         self.transpose = transpose
         self.init_scale = init_scale
         self.mask = None if mask is None else np.asarray(mask, np.float32)
+        self.ar_zerodiagonal = ar_zerodiagonal
         self.conv_dtype = tf.as_dtype(conv_dtype)
         self.input_grid = None  # (H, W) of the input, set by build
-        if transpose and mask is not None:
+        if transpose and (mask is not None or ar_zerodiagonal is not None):
             raise ValueError("masked transposed convolutions are not supported")
+        if mask is not None and ar_zerodiagonal is not None:
+            raise ValueError("give mask or ar_zerodiagonal, not both")
 
     def build(self, input_shape):
         # For the analytic FLOP count (iaf_tf.flops), which needs the grid the conv runs on.
@@ -188,6 +197,8 @@ class WNConv2D(keras.layers.Layer):
         in_channels = int(input_shape[-1])
         kh, kw = self.kernel_size
         shape = [kh, kw, self.filters, in_channels] if self.transpose else [kh, kw, in_channels, self.filters]
+        if self.ar_zerodiagonal is not None:
+            self.mask = conv_ar_mask(kh, kw, in_channels, self.filters, self.ar_zerodiagonal)
         if self.mask is not None and list(self.mask.shape) != shape:
             raise ValueError(f"{self.name}: mask shape {self.mask.shape} does not match kernel shape {shape}")
         # 'mean' aggregation: the data-dependent init assigns these inside replicas.
@@ -201,11 +212,17 @@ class WNConv2D(keras.layers.Layer):
         self._mask_variable = None
         if self.mask is not None:
             with tf.init_scope():
-                self._mask_variable = _Untracked(tf.Variable(self.mask, trainable=False, name="mask"))
+                self._mask_variable = Untracked(tf.Variable(self.mask, trainable=False, name="mask"))
 
     @property
     def _mask(self):
-        return None if self._mask_variable is None else tf.convert_to_tensor(self._mask_variable.item)
+        return None if self._mask_variable is None else tf.convert_to_tensor(self._mask_variable.value)
+
+    def get_config(self):
+        mask = None if self.mask is None or self.ar_zerodiagonal is not None else self.mask.tolist()
+        return dict(super().get_config(), filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
+                    transpose=self.transpose, init_scale=self.init_scale, mask=mask,
+                    conv_dtype=self.conv_dtype.name, ar_zerodiagonal=self.ar_zerodiagonal)
 
     def direction(self):
         """The masked, unit-norm kernel direction."""
@@ -250,33 +267,38 @@ class WNConv2D(keras.layers.Layer):
         return (input_shape[0], h, w, self.filters)
 
 
-class _Untracked:
-    """Hides a variable from Keras and checkpoint tracking."""
-
-    def __init__(self, item):
-        self.item = item
-
-
-def ar_conv(filters, in_channels, zerodiagonal, name, kernel_size=(3, 3), conv_dtype="float32"):
+def ar_conv(filters, zerodiagonal, name, kernel_size=(3, 3), conv_dtype="float32"):
     """A masked 3x3 weight-normed conv as the IAF network uses them (data-dependent init scale 1.0)."""
-    mask = conv_ar_mask(*kernel_size, in_channels, filters, zerodiagonal)
-    return WNConv2D(filters, kernel_size, init_scale=1.0, mask=mask, name=name, conv_dtype=conv_dtype)
+    return WNConv2D(filters, kernel_size, init_scale=1.0, ar_zerodiagonal=zerodiagonal, name=name,
+                    conv_dtype=conv_dtype)
 
 
+@keras.saving.register_keras_serializable(package="iaf_tf")
 class ARMultiConv(keras.layers.Layer):
     """The IAF step's autoregressive network: masked hidden layers (context added after the first), ELU,
     then one masked head per output (mean and log-scale shifts), each blind to its own channel."""
 
     def __init__(self, in_channels, hidden_sizes, output_sizes, use_context=True, conv_dtype="float32", **kwargs):
         super().__init__(autocast=False, **kwargs)  # keeps a bfloat16 context bfloat16
+        self.in_channels, self.hidden_sizes, self.output_sizes = in_channels, list(hidden_sizes), list(output_sizes)
         self.use_context = use_context
-        self.hidden = []
-        channels = in_channels
-        for i, size in enumerate(hidden_sizes):
-            self.hidden.append(ar_conv(size, channels, zerodiagonal=False, name=f"layer_{i}", conv_dtype=conv_dtype))
-            channels = size
-        self.heads = [ar_conv(size, channels, zerodiagonal=True, name=f"layer_out_{i}", conv_dtype=conv_dtype)
+        self.conv_dtype = tf.as_dtype(conv_dtype)
+        self.hidden = [ar_conv(size, zerodiagonal=False, name=f"layer_{i}", conv_dtype=conv_dtype)
+                       for i, size in enumerate(hidden_sizes)]
+        self.heads = [ar_conv(size, zerodiagonal=True, name=f"layer_out_{i}", conv_dtype=conv_dtype)
                       for i, size in enumerate(output_sizes)]
+
+    def build(self, z_shape, context_shape=None):
+        shape = list(z_shape)
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = shape[:-1] + [layer.filters]
+        for head in self.heads:
+            head.build(shape)
+
+    def get_config(self):
+        return dict(super().get_config(), in_channels=self.in_channels, hidden_sizes=self.hidden_sizes,
+                    output_sizes=self.output_sizes, use_context=self.use_context, conv_dtype=self.conv_dtype.name)
 
     def call(self, z, context=None, init=False):
         """Outputs in the convs' `conv_dtype` (float32 during the data-dependent init)."""
@@ -289,3 +311,24 @@ class ARMultiConv(keras.layers.Layer):
 
     def named_convs(self):
         return {layer.name: layer for layer in self.hidden + self.heads}
+
+
+@keras.saving.register_keras_serializable(package="iaf_tf")
+class IAFShift(keras.layers.Layer):
+    """The IAF step's transform of a sample z, given the AR network's outputs for it: (z - scale * m) /
+    exp(scale * s); returns (new z, scale * s, the log-density change per element). Without s (a mean-only
+    step, the Theano system's iaf1_nl) it returns (z - scale * m, zeros). The original's scale is 0.1."""
+
+    def __init__(self, scale=0.1, **kwargs):
+        super().__init__(autocast=False, **kwargs)
+        self.scale = scale
+
+    def call(self, z, mean_shift, log_scale_shift=None):
+        z = z - self.scale * tf.cast(mean_shift, z.dtype)
+        if log_scale_shift is None:
+            return z, tf.zeros_like(z)
+        log_scale = self.scale * tf.cast(log_scale_shift, z.dtype)
+        return z / tf.exp(log_scale), log_scale
+
+    def get_config(self):
+        return dict(super().get_config(), scale=self.scale)

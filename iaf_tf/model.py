@@ -5,6 +5,7 @@ Noise comes from stateless RNG ops keyed by an explicit `seed` ([2] int tensor) 
 evaluation batch or a sample is reproducible and the same on every replica layout.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -12,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from iaf_tf import distributions as dist
-from iaf_tf.layers import ARMultiConv, WNConv2D
+from iaf_tf.layers import ARMultiConv, IAFShift, WNConv2D
 
 # Residual branches and IAF shifts are scaled down by this constant in the original.
 RESIDUAL_SCALE = 0.1
@@ -47,6 +48,7 @@ def _in_own_scope(method):
     return scoped
 
 
+@keras.saving.register_keras_serializable(package="iaf_tf")
 class IAFBlock(keras.layers.Layer):
     """One stochastic layer: a bottom-up residual block that emits q(z|x) statistics, and a top-down
     residual block with the prior and (for `down_*` posteriors) the posterior and its IAF step.
@@ -70,6 +72,7 @@ class IAFBlock(keras.layers.Layer):
 
     def __init__(self, model_config, downsample, conv_dtype=tf.float32, **kwargs):
         super().__init__(**kwargs)
+        self.model_config = model_config
         self.h_size, self.z_size = h, z = model_config.h_size, model_config.z_size
         self.downsample = downsample
         self.posterior = model_config.posterior
@@ -87,12 +90,22 @@ class IAFBlock(keras.layers.Layer):
         self.down_conv1 = WNConv2D(2 * z + posterior_size + h, name="down_conv1", **conv)
         if self.flow != "diag":
             heads = [z, z] if self.flow == "iaf2_nl" else [z]
+            self.shift = IAFShift(IAF_SCALE)
             self.ar = ARMultiConv(z, [h] * model_config.depth_ar, heads, use_context=self.context_size > 0,
                                   name="ar_multiconv2d", **conv)
         if downsample:
             self.down_conv2 = WNConv2D(h, strides=(2, 2), transpose=True, name="down_deconv2", **conv)
         else:
             self.down_conv2 = WNConv2D(h, name="down_conv2", **conv)
+
+    def get_config(self):
+        return dict(super().get_config(), model_config=dataclasses.asdict(self.model_config),
+                    downsample=self.downsample, conv_dtype=self.conv_dtype.name)
+
+    @classmethod
+    def from_config(cls, config):
+        from iaf_tf.config import ModelConfig
+        return cls(**dict(config, model_config=ModelConfig(**config["model_config"])))
 
     def _elu(self, x):
         return tf.nn.elu(tf.cast(x, self.conv_dtype))
@@ -105,12 +118,10 @@ class IAFBlock(keras.layers.Layer):
         if self.flow == "diag":
             return z, log_q
         heads = self._float32(*self.ar(z, context, init=init))
-        z = z - IAF_SCALE * heads[0]
-        if self.flow == "iaf2_nl":
-            log_scale = IAF_SCALE * heads[1]
-            z = z / tf.exp(log_scale)
-            log_q = log_q + log_scale
-        return z, log_q
+        if self.flow == "iaf1_nl":  # volume-preserving: log q does not change
+            return self.shift(z, heads[0])[0], log_q
+        z, log_scale = self.shift(z, *heads)
+        return z, log_q + log_scale
 
     @_in_own_scope
     def up(self, x, noise=None, init=False):
@@ -175,6 +186,7 @@ class IAFBlock(keras.layers.Layer):
         return convs
 
 
+@keras.saving.register_keras_serializable(package="iaf_tf")
 class CVAE(keras.Model):
     """The whole model, for one dataset spec (iaf_tf.datasets). `call` returns, per image of the k-fold
     repeated batch (each image repeated k times consecutively), the likelihood and the KL of each
@@ -196,6 +208,7 @@ class CVAE(keras.Model):
 
     def __init__(self, config, spec, **kwargs):
         super().__init__(**kwargs)
+        self.config = config
         self.model_config = model_config = config.model
         self.spec = spec
         self.image_size = config.data.image_size
@@ -227,6 +240,25 @@ class CVAE(keras.Model):
     def build(self, input_shape=None):
         # Variables are created by the first call (see build_for); nothing to do from a shape alone.
         self.built = True
+
+    def get_config(self):
+        # The whole config in the --hpconfig syntax; the spec is found again by the dataset's name.
+        return dict(super().get_config(), hpconfig=self.config.to_hpconfig())
+
+    @classmethod
+    def from_config(cls, config):
+        from iaf_tf import config as cfg_lib
+        from iaf_tf import datasets
+
+        config = dict(config)
+        settings = cfg_lib.Config().parse(config.pop("hpconfig"))
+        return cls(settings, datasets.get(settings.data.dataset), **config)
+
+    def get_build_config(self):
+        return {"batch_size": 1}  # non-empty, or Keras would not build the model before loading weights
+
+    def build_from_config(self, config):
+        self.build_for(config["batch_size"])
 
     def _noise(self, seed, index, shape, temperature=1.0):
         noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))

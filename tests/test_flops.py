@@ -30,7 +30,7 @@ def test_transposed_conv_counts_input_positions():
 
 
 def test_masked_conv_is_counted_dense():
-    layer = built(ar_conv(8, 4, zerodiagonal=True, name="ar"), 5, 5, 4)
+    layer = built(ar_conv(8, zerodiagonal=True, name="ar"), 5, 5, 4)
     assert conv_forward_flops(layer) == 2 * 9 * 4 * 8 * 25
 
 
@@ -46,7 +46,7 @@ class _TinyModel:
         self.convs = {
             "x_enc": built(WNConv2D(4, (5, 5), (2, 2)), 8, 8, 3),  # 4x4 outputs
             "block/up_conv1": built(WNConv2D(6, (3, 3)), 4, 4, 4),
-            "block/ar/layer_0": built(ar_conv(6, 6, zerodiagonal=False, name="layer_0"), 4, 4, 6),
+            "block/ar/layer_0": built(ar_conv(6, zerodiagonal=False, name="layer_0"), 4, 4, 6),
             "x_dec": built(WNConv2D(3, (5, 5), (2, 2), transpose=True), 4, 4, 6),  # 4x4 inputs
         }
 

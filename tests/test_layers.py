@@ -226,7 +226,7 @@ def test_numpy_transpose_is_adjoint_of_numpy_conv():
 
 def test_masked_conv_kernel_and_gradient_ignore_masked_taps():
     rng = np.random.default_rng(3)
-    layer = ar_conv(8, 4, zerodiagonal=True, name="ar")
+    layer = ar_conv(8, zerodiagonal=True, name="ar")
     x = tf.constant(rng.normal(size=[2, 5, 5, 4]).astype(np.float32))
     layer(x)
     randomize(layer, rng)
@@ -461,7 +461,7 @@ def test_data_dependent_init_transposed_conv():
 def test_data_dependent_init_masked_conv_uses_scale_one():
     rng = np.random.default_rng(7)
     x = rng.normal(size=[4, 6, 6, 4]).astype(np.float32)
-    layer = ar_conv(8, 4, zerodiagonal=False, name="ar_init")
+    layer = ar_conv(8, zerodiagonal=False, name="ar_init")
     assert layer.init_scale == 1.0
     out = _check_data_dependent_init(layer, x, 1.0)
     np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1.0, rtol=1e-3)
