@@ -261,7 +261,10 @@ class CVAE(keras.Model):
         self.build_for(config["batch_size"])
 
     def _noise(self, seed, index, shape, temperature=1.0):
-        noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
+        # Philox named explicitly: the default picks another algorithm under XLA, so jit and non-jit steps
+        # would draw different noise.
+        noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index),
+                                           alg="philox")
         return noise * temperature  # exact for 1.0; a tensor temperature for the exported sampler
 
     def _top(self, n):

@@ -105,8 +105,10 @@ class Trainer(TrainState):
         clip = self.config.optimization.grad_clip
         if clip > 0:
             grads, _ = tf.clip_by_global_norm([tf.convert_to_tensor(g) for g in grads], clip, use_norm=norm)
-        self.optimizer.apply(grads, variables)
+        # The averages move towards the weights before this update, as the original's (its EMA op reads the
+        # variables in the same step as Adamax writes them, and TF1 runs the read first).
         self.averages.update()
+        self.optimizer.apply(grads, variables)
         return tf.constant(True)
 
     def _skip(self):
