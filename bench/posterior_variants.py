@@ -1,46 +1,49 @@
 """Posterior variants side by side: train the same small config with each posterior for a fixed number
-of steps (same seed, same data stream), then report the EMA test bits/dim (k = 1) of each.
+of steps (same seed, same data stream) with the real training loop, then report the test bits/dim
+(k = 1) of each saved checkpoint, with the moving averages (what the original reports) and with the last
+weights (after a short run the 0.999 averages still carry the early weights).
 
-Default budget (tf1_small, 2000 steps each, 2000 test images): about 10 minutes on 2 CPU cores. It
-prints the bits/dim with the moving averages (what the original reports) and with the last weights.
-Usage: python bench/posterior_variants.py [--steps 2000] [--test_images 2000] [--preset tf1_small]
-           [--hpconfig ...] [--posteriors down_diag,down_iaf1_nl,down_iaf2_nl] [--data_dir ../shared/data]
+Usage:
+  python bench/posterior_variants.py                    # full: tf1_small, 2000 steps each, 2000 test
+                                                        # images; about 10 minutes on 2 CPU cores
+  python bench/posterior_variants.py --steps 20 --test_images 100      # quick
+  python bench/posterior_variants.py --preset tf1_small --hpconfig h_size=16 \\
+      --posteriors down_diag,down_iaf1_nl,down_iaf2_nl --seed 0 --data_dir ../shared/data
 """
 
 import argparse
-import os
-import sys
+import collections
+import tempfile
 import time
-from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness
+from harness import Column
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from iaf_tf import data, hparams, train  # noqa: E402
-from iaf_tf.likelihood import Evaluator  # noqa: E402
+RECENT_STEPS = 100  # the training bits/dim column averages the last this many steps
 
 
-def run(hps, train_images, test_images, steps, seed):
-    trainer = train.Trainer(hps, tf.distribute.get_strategy(), seed=seed)
-    batches = iter(data.train_dataset(train_images, hps.batch_size, seed=seed))
-    trainer.initialize(next(batches).numpy())
-    begin, recent = time.time(), []
-    for _ in range(steps):
-        metrics, _ = trainer.train_step(next(batches))
-        recent = (recent + [float(metrics["bits_per_dim"])])[-100:]
-    train_seconds = time.time() - begin
-    evaluator = Evaluator(trainer.model)
-    # The last weights too: after a short run the 0.999 averages still carry the early weights.
-    raw_bpd, _ = evaluator.bits_per_dim(test_images, k=1, seed=seed)
-    trainer.averages.copy_to_weights()
-    test_bpd, eval_seconds = evaluator.bits_per_dim(test_images, k=1, seed=seed)
-    return {"params": trainer.num_parameters, "train_bpd": float(np.mean(recent)), "test_bpd": test_bpd,
-            "raw_bpd": raw_bpd, "skipped": int(trainer.skipped.numpy()), "train_s": train_seconds,
-            "eval_s": 2 * eval_seconds}
+def run(cfg, test_images):
+    """Train with train.train, then evaluate the checkpoint it saved; returns the table's row."""
+    import numpy as np
+    import iaf_tf
+    from iaf_tf import train
+    from iaf_tf.model import count_trainable_parameters
+
+    trainer = train.Trainer(cfg)
+    recent = collections.deque(maxlen=RECENT_STEPS)
+    # The step callback reports times, not metrics: read the training bits/dim off the public step.
+    harness.watch_steps(trainer, lambda _seconds, metrics: recent.append(float(metrics["bits_per_dim"])))
+    step_seconds = []
+    result = train.train(cfg, trainer=trainer, on_step=lambda record: step_seconds.append(record.seconds),
+                         print_fn=harness.quiet)
+
+    trained = iaf_tf.load(cfg.runtime.logdir, weights="ema")
+    ema_bpd = trained.score(trained.nll(test_images, k=1, seed=cfg.runtime.seed))
+    trained.load_weights(trained.checkpoint, weights="raw")
+    return {"posterior": cfg.model.posterior, "params": count_trainable_parameters(trained.model),
+            "train_bpd": float(np.mean(recent)), "test_bpd": ema_bpd,
+            "raw_bpd": trained.score(trained.nll(test_images, k=1, seed=cfg.runtime.seed)),
+            "skipped": result.skipped, "train_s": sum(step_seconds)}
 
 
 def main():
@@ -51,27 +54,31 @@ def main():
     parser.add_argument("--hpconfig", default="", help="overrides on top of the preset, e.g. h_size=16")
     parser.add_argument("--posteriors", default="down_diag,down_iaf1_nl,down_iaf2_nl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default=os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data_dir", default=harness.DATA_DIR)
     args = parser.parse_args()
 
-    base = hparams.resolve_hparams(args.preset, args.hpconfig).replace(num_gpus=1)
-    train_images = data.load_images(base.dataset, "train", args.data_dir)
-    test_images = data.load_eval_images(base.dataset, "test", args.data_dir)[:args.test_images]
-    print(f"{args.preset} {args.hpconfig or ''}: {args.steps} steps each (batch {base.batch_size}, seed {args.seed}), "
-          f"EMA weights on the first {len(test_images)} test images, k=1", flush=True)
-    results = {}
+    harness.setup()
+    from iaf_tf import config, datasets
+
+    base = config.resolve(args.preset, args.hpconfig, num_gpus=1, max_steps=args.steps, seed=args.seed,
+                          data_dir=args.data_dir, download=False, checkpoint_every=10**9)
+    spec = datasets.get(base.data.dataset)
+    test_images = spec.load("test", base.data.image_size, args.data_dir, evaluation=True)[:args.test_images]
+    print(f"{args.preset} {args.hpconfig or ''}: {args.steps} steps each (batch {base.optimization.batch_size}, "
+          f"seed {args.seed}), EMA weights on the first {len(test_images)} test images, k=1", flush=True)
+    rows = []
     for posterior in args.posteriors.split(","):
-        results[posterior] = run(base.replace(posterior=posterior), train_images, test_images, args.steps, args.seed)
-        r = results[posterior]
-        print(f"  {posterior}: done in {r['train_s'] + r['eval_s']:.0f}s", flush=True)
+        begin = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="iaf_posterior_") as logdir:
+            rows.append(run(base.replace(posterior=posterior, logdir=logdir), test_images))
+        print(f"  {posterior}: done in {time.perf_counter() - begin:.0f}s", flush=True)
 
     print()
-    print(f"{'posterior':14s} {'params':>8s} {'train bpd':>10s} {'test bpd':>9s} {'test bpd':>12s} {'skipped':>8s} "
-          f"{'train s':>8s}")
-    print(f"{'':14s} {'':>8s} {'(last 100)':>10s} {'(EMA)':>9s} {'(last step)':>12s}")
-    for posterior, r in results.items():
-        print(f"{posterior:14s} {r['params']:8d} {r['train_bpd']:10.4f} {r['test_bpd']:9.4f} {r['raw_bpd']:12.4f} "
-              f"{r['skipped']:8d} {r['train_s']:8.0f}")
+    harness.print_table([
+        Column("posterior", "posterior"), Column("params", "params", "d"),
+        Column(f"train bpd\n(last {RECENT_STEPS})", "train_bpd", ".4f"), Column("test bpd\n(EMA)", "test_bpd", ".4f"),
+        Column("test bpd\n(last step)", "raw_bpd", ".4f"), Column("skipped", "skipped", "d"),
+        Column("train s", "train_s", ".0f")], rows)
 
 
 if __name__ == "__main__":

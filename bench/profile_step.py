@@ -2,21 +2,24 @@
 
 Op times are summed over the executor's threads (inter-op parallel ops overlap, so the total can exceed
 the wall time). Convolutions appear under the names of the oneDNN kernels that run them.
-Usage: python bench/profile_step.py [--config readme_recipe] [--hpconfig batch_size=8] [--steps 2] [--top 30]
+
+Usage:
+  python bench/profile_step.py                          # full: README recipe, 2 profiled steps
+  python bench/profile_step.py --config cpu_quick       # quick
+  python bench/profile_step.py --hpconfig batch_size=8 --steps 3 --top 40 --by_name
+  python bench/profile_step.py --root /tmp/iaf-baseline # another checkout (older APIs too)
 """
 
 import argparse
 import collections
 import glob
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-
+import harness
+from harness import Column
 
 # Events that enclose ops rather than being ops.
 _SCAFFOLDING = {"Process", "Run"}
@@ -39,7 +42,7 @@ def op_times(logdir):
                     name = metadata[event.metadata_id].name
                     if ":" not in name:  # executor ops are "name:Type"; the rest is Python/runtime scaffolding
                         continue
-                    op_name, op_type = name.rsplit(":", 1)
+                    op_name, op_type = (part.strip() for part in name.rsplit(":", 1))
                     if op_type in _SCAFFOLDING or op_type.startswith("__inference"):
                         continue
                     entry = totals[(op_type, op_name)]
@@ -50,35 +53,34 @@ def op_times(logdir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="readme_recipe")
+    parser.add_argument("--config", default="readme_recipe", help="preset")
     parser.add_argument("--hpconfig", default="")
-    parser.add_argument("--root", default=str(ROOT), help="checkout to profile")
+    parser.add_argument("--root", default=str(harness.ROOT), help="checkout to profile")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--by_name", action="store_true", help="also list the slowest individual ops")
     parser.add_argument("--inter_op", type=int, default=0,
                         help="inter-op threads (1: ops run one at a time, so each op's time is its own)")
-    parser.add_argument("--data_dir", default=os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--data_dir", default=harness.DATA_DIR)
     args = parser.parse_args()
-    sys.path.insert(0, args.root)
+
+    lib = harness.load_library(args.root, args.inter_op)
     import tensorflow as tf
-    from iaf_tf import data, hparams, train
+    from iaf_tf import data
 
-    if args.inter_op:
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-
-    hps = hparams.resolve_hparams(args.config, args.hpconfig).replace(num_gpus=1)
-    images = data.load_cifar10("test", args.data_dir)[:hps.batch_size]
-    trainer = train.Trainer(hps, tf.distribute.get_strategy(), seed=0)
+    cfg = lib.config(args.config, args.hpconfig)
+    images = data.load_cifar10("test", args.data_dir)[:lib.sizes(cfg).batch_size]
+    trainer = lib.make_trainer(cfg)
     trainer.initialize(images)
+    step = lib.step_function(trainer)
     batch = tf.constant(images)
     for _ in range(2):
-        float(trainer.train_step(batch)[0]["objective"])
+        float(step(batch)[0]["objective"])
     logdir = tempfile.mkdtemp(prefix="iaf_profile_")
     tf.profiler.experimental.start(logdir)
     begin = time.perf_counter()
     for _ in range(args.steps):
-        float(trainer.train_step(batch)[0]["objective"])
+        float(step(batch)[0]["objective"])
     wall_ms = (time.perf_counter() - begin) * 1e3 / args.steps
     tf.profiler.experimental.stop()
 
@@ -90,14 +92,17 @@ def main():
     all_ms = sum(us for us, _ in by_type.values()) / 1e3 / args.steps
     print(f"{args.config} {args.hpconfig}: wall {wall_ms:.0f} ms/step, op time {all_ms:.0f} ms/step "
           f"(summed over threads), profile in {logdir}")
-    print(f"{'op type':40s} {'ms/step':>9s} {'share':>6s} {'ops/step':>8s}")
-    for op_type, (us, count) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:args.top]:
-        ms = us / 1e3 / args.steps
-        print(f"{op_type:40s} {ms:9.1f} {ms / all_ms:6.1%} {count / args.steps:8.0f}")
+    per_step = [{"type": t, "ms": us / 1e3 / args.steps, "count": count / args.steps}
+                for t, (us, count) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:args.top]]
+    harness.print_table([Column("op type", "type"), Column("ms/step", "ms", ".1f"),
+                         Column("share", lambda r: r["ms"] / all_ms, ".1%"), Column("ops/step", "count", ".0f")],
+                        per_step)
     if args.by_name:
-        print(f"\n{'op name':70s} {'type':24s} {'ms/step':>9s}")
-        for (op_type, name), (us, _) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]:
-            print(f"{name[-70:]:70s} {op_type:24s} {us / 1e3 / args.steps:9.1f}")
+        slowest = [{"name": name[-70:], "type": t, "ms": us / 1e3 / args.steps}
+                   for (t, name), (us, _) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]]
+        print()
+        harness.print_table([Column("op name", "name"), Column("type", "type"), Column("ms/step", "ms", ".1f")],
+                            slowest)
 
 
 if __name__ == "__main__":
