@@ -1,3 +1,6 @@
+"""iaf_tf.data: the CIFAR-10 and MNIST files (layouts, caching, every way a file can be missing or bad), the
+image check, and the training batches drawn from them."""
+
 import gzip
 import os
 import pickle
@@ -7,17 +10,11 @@ import numpy as np
 import pytest
 
 from iaf_tf import data
-from iaf_tf.data import DataError
+from iaf_tf.errors import DataError
 
 # Published per-channel means of the official CIFAR-10 files (0..255 scale).
 TRAIN_MEAN = [125.307, 122.950, 113.865]
 TEST_MEAN = [126.025, 123.709, 114.854]
-
-
-@pytest.fixture
-def no_data_env(monkeypatch):
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.delenv("MNIST_PATH", raising=False)
 
 
 def _fake_cifar_dir(tmp_path, cifar10_dir, test_batch_bytes):
@@ -87,6 +84,17 @@ def test_cifar10_download_fallback_failure_keeps_data_error(no_data_env, monkeyp
     assert "download fallback failed too: offline" in str(err.value)
 
 
+def test_cifar10_no_download_setting_is_honoured(no_data_env, monkeypatch):
+    def must_not_download(split):
+        raise AssertionError("downloaded although IAF_TF_NO_DOWNLOAD=1")
+
+    monkeypatch.setattr(data, "_download_cifar10", must_not_download)
+    monkeypatch.setenv("IAF_TF_NO_DOWNLOAD", "1")
+    with pytest.raises(DataError, match="CIFAR10_PATH") as err:
+        data.load_cifar10("test", allow_download=True)
+    assert "download fallback" not in str(err.value) and err.value.__cause__ is None
+
+
 def test_cifar10_download_without_a_network_fails_fast(no_data_env, monkeypatch):
     monkeypatch.setattr(data, "_host_resolves", lambda host, timeout=5.0: False)
     began = time.time()
@@ -122,11 +130,11 @@ def test_cifar10_refuses_code_in_pickle(tmp_path, cifar10_dir):
         data.load_cifar10("test", tmp_path)
 
 
-def test_bad_split_and_dataset(tmp_path):
+def test_bad_split(tmp_path):
     with pytest.raises(ValueError):
         data.load_cifar10("valid", tmp_path)
     with pytest.raises(ValueError):
-        data.load_images("svhn", "test")
+        data.load_mnist("valid", tmp_path)
 
 
 def test_mnist(mnist_dir):
@@ -134,7 +142,7 @@ def test_mnist(mnist_dir):
     assert train.shape == (60000, 28, 28, 1) and test.shape == (10000, 28, 28, 1)
     assert test.dtype == np.uint8
     assert train.mean() == pytest.approx(33.318, abs=0.001)
-    padded = data.load_images("mnist", "test", mnist_dir)
+    padded = data.load_mnist_padded("test", mnist_dir)
     assert padded.shape == (10000, 32, 32, 1) and padded.dtype == np.uint8
     np.testing.assert_array_equal(padded[:, 2:30, 2:30], test)
     assert padded.sum() == test.sum()
@@ -152,6 +160,10 @@ def test_mnist_env_and_errors(mnist_dir, tmp_path, monkeypatch, no_data_env):
     with pytest.raises(DataError, match="magic 2049"):
         data.load_mnist("test", tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="t10k-images"):
+        data.load_mnist("test", tmp_path)
+    good = gzip.compress(np.array([2051, 10000, 28, 28], ">u4").tobytes() + bytes(10000 * 784))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(good[:20] + b"\xff" * 64 + good[84:])  # bad deflate data
     with pytest.raises(DataError, match="t10k-images"):
         data.load_mnist("test", tmp_path)
 
@@ -174,11 +186,9 @@ def test_train_dataset_real_batches(cifar10_dir):
     assert batch.shape == (16, 32, 32, 3) and batch.dtype.name == "uint8"
 
 
-def test_eval_dataset_keeps_order_and_partial_batch():
-    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
-    batches = [b.numpy() for b in data.eval_dataset(images, batch_size=4, num_images=7)]
-    assert [len(b) for b in batches] == [4, 3]
-    np.testing.assert_array_equal(np.concatenate(batches).ravel(), np.arange(7))
-    assert sum(len(b) for b in data.eval_dataset(images, batch_size=4)) == 10
-    with pytest.raises(ValueError):
-        data.eval_dataset(images, 4, num_images=11)
+def test_check_images_rejects_wrong_arrays():
+    with pytest.raises(DataError, match="uint8"):
+        data.check_images(np.zeros([2, 32, 32, 3], np.float32), 32, 3, "cifar10")
+    with pytest.raises(DataError, match=r"\[N, 32, 32, 3\]"):
+        data.check_images(np.zeros([2, 32, 32, 1], np.uint8), 32, 3, "cifar10")
+    data.check_images(np.zeros([2, 32, 32, 3], np.uint8), 32, 3, "cifar10")

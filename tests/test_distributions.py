@@ -126,6 +126,33 @@ def test_discretized_logistic_bins_sum_to_about_one():
     assert abs(np.sum(np.exp(logp) - 1e-7) - 1.0) < 1e-3
 
 
+# ---------------------------------------------------------------- Bernoulli (binarized MNIST)
+
+
+def test_binarize_draws_each_pixel_with_probability_pixel_over_255():
+    images = np.full([4, 32, 32, 1], 64, np.uint8)
+    a = dist.binarize(images, tf.constant([1, 2])).numpy()
+    assert a.dtype == np.uint8 and set(np.unique(a)) == {0, 255}
+    assert abs((a == 255).mean() - 64 / 255) < 0.02
+    np.testing.assert_array_equal(a, dist.binarize(images, tf.constant([1, 2])).numpy())
+    assert not np.array_equal(a, dist.binarize(images, tf.constant([1, 3])).numpy())
+    # Binary images are fixed points, whatever the seed.
+    for seed in ([0, 0], [5, 9]):
+        np.testing.assert_array_equal(dist.binarize(a, tf.constant(seed)).numpy(), a)
+
+
+def test_bernoulli_log_prob_matches_numpy():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, size=[3, 5, 5, 1]).astype(np.float32)
+    sample = (rng.random([3, 5, 5, 1]) < 0.4).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want = (sample * np.log(p) + (1 - sample) * np.log1p(-p)).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(dist.bernoulli_log_prob(logits, sample).numpy(), want, rtol=1e-5)
+    # Stays finite where a probability rounds to 0 or 1 in float32.
+    extreme = dist.bernoulli_log_prob(tf.constant([[[[40.0]]], [[[-40.0]]]]), tf.constant([[[[0.0]]], [[[1.0]]]]))
+    np.testing.assert_allclose(extreme.numpy(), [-40.0, -40.0], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- importance sampling
 
 

@@ -1,36 +1,40 @@
-"""The CVAE: helpers against NumPy / TF1 ops, parameter counts of the original, and the call contract."""
+"""iaf_tf.model: the helpers against NumPy / TF1 ops, the original's parameter counts, the call contract,
+multi-level models (depths), the Theano system's posterior variants and IAF depths (structure and the
+autoregressive Jacobian of the IAF step) and the Bernoulli likelihood of dataset=mnist."""
+
+import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import data
+from iaf_tf import data, train
+from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import named_variables
-from iaf_tf.hparams import get_default_hparams, load_preset
-from iaf_tf.model import (CVAE, count_trainable_parameters, free_bits_kl, input_to_unit_range,
+from iaf_tf.config import Config, load_preset
+from iaf_tf.model import (BINARIZE_STREAM, IAF_SCALE, count_trainable_parameters, input_to_unit_range,
                           resize_nearest, to_uint8_images)
-
-TINY = "depth=2,num_blocks=2,h_size=16,z_size=4,num_gpus=1,batch_size=4"
-
-
-def tiny_hps(extra=""):
-    return get_default_hparams().parse(TINY + ("," + extra if extra else ""))
+from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, grey_images,
+                            make_model, random_images, raster_allowed, run_model, seed, tiny_config)
 
 
-def seed(a, b=0):
-    return tf.constant([a, b], tf.int32)
-
-
-def random_images(n, rng_seed=0):
-    rng = np.random.default_rng(rng_seed)
-    return rng.integers(0, 256, size=[n, 32, 32, 3]).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    model = CVAE(tiny_hps(), name="model")
-    model.initialize(random_images(8, 1), seed(7))
+def initialized_model(cfg, images=None):
+    model = make_model(cfg)
+    model.initialize(random_images(8, 1) if images is None else images, tf.constant([0, 1]))
     return model
+
+
+def z_resolutions(model, channels=3):
+    """The spatial size of each block's z, bottom-up, from an actual bottom-up pass."""
+    images = tf.zeros([1, 32, 32, channels], tf.uint8)
+    h = model.x_enc(input_to_unit_range(images))
+    sizes = []
+    for block in model.blocks:
+        noise = tf.zeros(model._z_shape(1, len(sizes))) if block.bottom_up else None
+        h, stats = block.up(h, noise)
+        assert stats[0].shape[1] == stats[0].shape[2]
+        sizes.append(int(stats[0].shape[1]))
+    return sizes
 
 
 # ---------------------------------------------------------------- helpers
@@ -75,35 +79,16 @@ def test_to_uint8_images_inverts_input_to_unit_range():
     np.testing.assert_array_equal(to_uint8_images(input_to_unit_range(pixels)).numpy(), pixels)
 
 
-def test_free_bits_kl_without_floor_is_per_image_sum():
-    rng = np.random.default_rng(0)
-    kl = rng.normal(0.1, 0.2, size=[5, 4, 4, 3]).astype(np.float32)
-    np.testing.assert_allclose(free_bits_kl(tf.constant(kl), 0.0).numpy(),
-                               kl.astype(np.float64).sum(axis=(1, 2, 3)), rtol=1e-5)
-
-
-@pytest.mark.parametrize("kl_min", [0.1, 0.5, 2.0])
-def test_free_bits_kl_floors_batch_mean_per_channel(kl_min):
-    rng = np.random.default_rng(1)
-    kl = rng.normal(0.02, 0.05, size=[5, 4, 4, 6])
-    kl[..., :2] += 0.3  # some channels above the floor, others below
-    got = free_bits_kl(tf.constant(kl, tf.float32), kl_min).numpy()
-    per_channel = kl.sum(axis=(1, 2)).mean(axis=0)
-    want = np.maximum(per_channel, kl_min).sum()
-    assert got.shape == (5,)
-    np.testing.assert_allclose(got, np.full(5, want), rtol=1e-5)
-
-
 # ---------------------------------------------------------------- parameter counts of the original
 
 
 def test_parameter_count_tf1_small():
-    model = CVAE(load_preset("tf1_small")).build_for(1)
+    model = make_model(load_preset("tf1_small")).build_for(1)
     assert count_trainable_parameters(model) == 357_671
 
 
 def test_parameter_count_readme_recipe():
-    model = CVAE(load_preset("readme_recipe")).build_for(1)
+    model = make_model(load_preset("readme_recipe")).build_for(1)
     assert count_trainable_parameters(model) == 41_557_927
 
 
@@ -113,27 +98,25 @@ def test_parameter_count_readme_recipe():
 @pytest.mark.parametrize("k", [1, 3])
 def test_call_output_shapes(tiny_model, k):
     b = 2
-    out = tiny_model(random_images(b, 2), seed(3), k=k)
+    out = run_model(tiny_model, random_images(b, 2), seed(3), k=k)
     n = b * k
     assert out["mean"].shape == (n, 32, 32, 3)
-    for key in ("log_pxz", "kl_obj", "kl_cost"):
+    for key in ("log_pxz", "kl_obj", "kl"):
         assert out[key].shape == (n,), key
     assert out["nll"].shape == (b,)
-    assert out["objective"].shape == ()
-    assert len(out["kl_cost_layers"]) == len(out["kl_obj_layers"]) == 4
-    for key in ("mean", "log_pxz", "kl_obj", "kl_cost", "nll", "objective"):
+    # One KL map per stochastic layer, bottom-up: two at 16x16, two at 8x8; and the posterior's Gaussian.
+    assert [tuple(m.shape) for m in out["kl_layers"]] == [(n, 16, 16, 4)] * 2 + [(n, 8, 8, 4)] * 2
+    assert [(tuple(m.shape), tuple(s.shape)) for m, s in out["posterior"]] == \
+        [(tuple(m.shape), tuple(m.shape)) for m in out["kl_layers"]]
+    for key in ("mean", "log_pxz", "kl_obj", "kl", "nll"):
         assert np.all(np.isfinite(out[key].numpy())), key
 
 
 def test_call_outputs_are_consistent(tiny_model):
-    out = tiny_model(random_images(3, 3), seed(4))
-    kl_cost = sum(t.numpy().astype(np.float64) for t in out["kl_cost_layers"])
-    kl_obj = sum(t.numpy().astype(np.float64) for t in out["kl_obj_layers"])
-    np.testing.assert_allclose(out["kl_cost"].numpy(), kl_cost, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(out["kl_obj"].numpy(), kl_obj, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(out["nll"].numpy(), out["kl_cost"].numpy() - out["log_pxz"].numpy(), rtol=1e-6)
-    np.testing.assert_allclose(out["objective"].numpy(), np.sum(out["kl_obj"].numpy() - out["log_pxz"].numpy()),
-                               rtol=1e-5)
+    out = run_model(tiny_model, random_images(3, 3), seed(4))
+    kl = sum(tf.reduce_sum(m, axis=[1, 2, 3]).numpy().astype(np.float64) for m in out["kl_layers"])
+    np.testing.assert_allclose(out["kl"].numpy(), kl, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(out["nll"].numpy(), out["kl"].numpy() - out["log_pxz"].numpy(), rtol=1e-6)
     mean = out["mean"].numpy()
     assert mean.min() >= -0.5 + 1 / 512 - 1e-7 and mean.max() <= 0.5 - 1 / 512 + 1e-7
 
@@ -142,8 +125,8 @@ def test_call_k_repeats_images_consecutively(tiny_model):
     # With k samples per image, the repeated copies of image i are rows i*k .. i*k+k-1: their decoder
     # means differ only through the noise, and the group's nll is the logsumexp bound of its rows.
     images = random_images(2, 4)
-    out = tiny_model(images, seed(5), k=3)
-    log_w = (out["log_pxz"].numpy() - out["kl_cost"].numpy()).astype(np.float64).reshape(2, 3)
+    out = run_model(tiny_model, images, seed(5), k=3)
+    log_w = (out["log_pxz"].numpy() - out["kl"].numpy()).astype(np.float64).reshape(2, 3)
     m = log_w.max(axis=1)
     want = -(m + np.log(np.exp(log_w - m[:, None]).sum(axis=1)) - np.log(3))
     np.testing.assert_allclose(out["nll"].numpy(), want, rtol=1e-5)
@@ -151,14 +134,14 @@ def test_call_k_repeats_images_consecutively(tiny_model):
 
 def test_call_is_deterministic_per_seed(tiny_model):
     images = random_images(2, 5)
-    a = tiny_model(images, seed(11, 3))
-    b = tiny_model(images, seed(11, 3))
-    c = tiny_model(images, seed(12, 3))
-    d = tiny_model(images, seed(11, 4))
-    for key in ("mean", "log_pxz", "kl_cost", "nll"):
+    a = run_model(tiny_model, images, seed(11, 3))
+    b = run_model(tiny_model, images, seed(11, 3))
+    c = run_model(tiny_model, images, seed(12, 3))
+    d = run_model(tiny_model, images, seed(11, 4))
+    for key in ("mean", "log_pxz", "kl", "nll"):
         np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
-    assert not np.allclose(a["kl_cost"].numpy(), c["kl_cost"].numpy())
-    assert not np.allclose(a["kl_cost"].numpy(), d["kl_cost"].numpy())
+    assert not np.allclose(a["kl"].numpy(), c["kl"].numpy())
+    assert not np.allclose(a["kl"].numpy(), d["kl"].numpy())
 
 
 def test_sample_shape_range_and_seeds(tiny_model):
@@ -179,7 +162,7 @@ def test_sample_temperature_zero_ignores_seed(tiny_model):
 
 def test_initialize_on_real_data(cifar10_dir):
     images = data.load_cifar10("test", cifar10_dir)[:8]
-    model = CVAE(tiny_hps()).build_for(1)
+    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1)
     v_before = model.x_enc.V.numpy().copy()
     assert np.all(model.x_enc.g.numpy() == 0)
     model.initialize(images, seed(0))
@@ -188,23 +171,24 @@ def test_initialize_on_real_data(cifar10_dir):
     assert np.any(model.x_dec.b.numpy() != 0)
     for name, conv in model.named_convs().items():
         assert np.all(np.isfinite(conv.g.numpy())) and np.any(conv.g.numpy() != 0), name
-    out = model(images, seed(1))
-    for key in ("mean", "log_pxz", "kl_cost", "nll"):
+    out = run_model(model, images, seed(1))
+    for key in ("mean", "log_pxz", "kl", "nll"):
         assert np.all(np.isfinite(out[key].numpy())), key
 
 
 def test_more_samples_tighten_the_bound(cifar10_dir):
     images = data.load_cifar10("test", cifar10_dir)[:16]
-    model = CVAE(tiny_hps())
+    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL))
     model.initialize(images, seed(0))
     k = 8
-    nll_k = model(images, seed(1), k=k)["nll"].numpy().astype(np.float64)
+    nll_k = run_model(model, images, seed(1), k=k)["nll"].numpy().astype(np.float64)
     # The same k draws per image, scored one at a time: the k-sample bound is below their mean per image.
     out = model(images, seed(1), k=k)
-    one = (out["kl_cost"].numpy() - out["log_pxz"].numpy()).astype(np.float64).reshape(-1, k)
+    one = (out["kl"].numpy() - out["log_pxz"].numpy()).astype(np.float64).reshape(-1, k)
     assert np.all(nll_k <= one.mean(axis=1) + 1e-2)
     # And below the average of independent 1-sample bounds on the same images.
-    one_sample = np.mean([model(images, seed(100 + s))["nll"].numpy().astype(np.float64) for s in range(4)], axis=0)
+    one_sample = np.mean([run_model(model, images, seed(100 + s))["nll"].numpy().astype(np.float64)
+                          for s in range(4)], axis=0)
     assert nll_k.shape == one_sample.shape == (16,)
     assert nll_k.mean() <= one_sample.mean()
 
@@ -215,7 +199,7 @@ def test_gradients_reach_every_weight_but_the_top_up_conv3(tiny_model):
     variables = named_variables(tiny_model)  # the original's names -> variables
     assert len(variables) == len(tiny_model.trainable_variables)
     with tf.GradientTape() as tape:
-        objective = tiny_model(random_images(2, 8), seed(9))["objective"]
+        objective, _ = train.loss_fn(tiny_model, random_images(2, 8), seed(9), Config().objective)
     grads = dict(zip(variables, tape.gradient(objective, list(variables.values()))))
     top = "IAF_1_1/up_conv3/"
     # h_top starts at zero, so the top block's down_conv1 sees elu(0) = 0 and its V and g get exactly
@@ -236,49 +220,98 @@ def test_variable_paths_are_unique(tiny_model):
     assert len(set(paths)) == len(paths)
 
 
-# ---------------------------------------------------------------- posterior variants
+# ---------------------------------------------------------------- levels (depths) and presets
 
 
-POSTERIORS = ["down_diag", "down_iaf1_nl", "down_iaf2_nl", "up_diag", "up_iaf1_nl", "up_iaf2_nl"]
+def test_blocks_follow_depths_over_depth_and_num_blocks():
+    model = make_model(Config().parse("depth=5,num_blocks=7,depths=3-1").replace(h_size=8, z_size=4))
+    assert model.block_index == [(0, 0), (0, 1), (0, 2), (1, 0)]
+
+
+@pytest.mark.parametrize("depths, sizes", [("3-1", [16] * 3 + [8]), ("1-2-3", [16, 8, 8, 4, 4, 4]),
+                                           ("2", [16, 16])])
+def test_unequal_levels_build_run_and_sample(depths, sizes):
+    cfg = tiny_config(ONE_BLOCK_PER_LEVEL, f"depths={depths}")
+    images = random_images(4, 0)
+    model = initialized_model(cfg, images)
+    assert z_resolutions(model) == sizes
+    # The first block of every level above the first halves the resolution (and its decoder doubles it).
+    assert [b.downsample for b in model.blocks] == [i > 0 and j == 0 for i, j in model.block_index]
+    assert model.top_size == 32 // 2 ** len(cfg.model.level_depths)
+    out = run_model(model, images, tf.constant([0, 2]), k=2)
+    loss, _ = train.loss_fn(model, images, tf.constant([0, 2]), cfg.replace(k=2).objective)
+    assert len(out["kl_layers"]) == len(sizes)
+    for key in ("log_pxz", "kl", "nll"):
+        assert np.all(np.isfinite(out[key].numpy())), key
+    assert np.isfinite(loss.numpy())
+    assert model.sample(2, tf.constant([1, 1])).shape == (2, 32, 32, 3)
+
+
+def test_table3_preset_has_twenty_layers_at_16_and_8():
+    model = make_model(load_preset("table3")).build_for(1)
+    assert len(model.blocks) == 20
+    assert z_resolutions(model) == [16] * 10 + [8] * 10
+    # Arranging the 20 blocks in two levels changes strides, not weight shapes: the same count as the
+    # TF1 README recipe (one level of 20).
+    assert count_trainable_parameters(model) == 41_557_927
+
+
+def test_theano_example_preset_has_three_levels():
+    model = make_model(load_preset("theano_example")).build_for(1)
+    assert z_resolutions(model) == [16, 16, 8, 8, 4, 4]
+
+
+# ---------------------------------------------------------------- posterior variants: structure
 
 
 @pytest.mark.parametrize("posterior", POSTERIORS)
 def test_posteriors_build_and_run(posterior):
-    model = CVAE(tiny_hps(f"posterior={posterior}"))
+    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL, f"posterior={posterior}"))
     images = random_images(2, 6)
     model.initialize(images, seed(0))
-    out = model(images, seed(1), k=2)
-    assert out["nll"].shape == (2,) and out["kl_cost"].shape == (4,)
-    for key in ("mean", "log_pxz", "kl_cost", "kl_obj", "nll"):
+    out = run_model(model, images, seed(1), k=2)
+    assert out["nll"].shape == (2,) and out["kl"].shape == (4,)
+    for key in ("mean", "log_pxz", "kl", "kl_obj", "nll"):
         assert np.all(np.isfinite(out[key].numpy())), key
-    again = model(images, seed(1), k=2)
+    again = run_model(model, images, seed(1), k=2)
     np.testing.assert_array_equal(out["nll"].numpy(), again["nll"].numpy())
-    assert not np.allclose(out["kl_cost"].numpy(), model(images, seed(2), k=2)["kl_cost"].numpy())
+    assert not np.allclose(out["kl"].numpy(), model(images, seed(2), k=2)["kl"].numpy())
     samples = model.sample(2, seed(3)).numpy()
     assert samples.shape == (2, 32, 32, 3) and np.all(np.isfinite(samples))
 
 
 @pytest.mark.parametrize("posterior", POSTERIORS)
-def test_posterior_channel_layouts(posterior):
-    h, z = 16, 4
-    model = CVAE(tiny_hps(f"posterior={posterior}")).build_for(1)
+@pytest.mark.parametrize("depth_ar", [0, 1, 2])
+def test_layer_shapes_of_each_posterior(posterior, depth_ar):
+    h, z = 8, 4
+    model = make_model(tiny_config(ONE_BLOCK_PER_LEVEL, f"posterior={posterior},depth_ar={depth_ar}")).build_for(1)
     where, flow = posterior.split("_", 1)
-    context = h if flow != "diag" else 0
-    convs = model.named_convs()
-    for block in ("IAF_0_0", "IAF_1_0"):
-        assert convs[f"{block}/up_conv1"].V.shape[-1] == 2 * z + context + h
-        # up_* feeds its z upward beside the deterministic features.
-        assert convs[f"{block}/up_conv3"].V.shape[2] == (z + h if where == "up" else h)
-        # down_* adds the top-down posterior parameters (and context) to the prior's.
-        assert convs[f"{block}/down_conv1"].V.shape[-1] == 2 * z + (2 * z + context if where == "down" else 0) + h
-        heads = sorted(n for n in convs if n.startswith(f"{block}/ar_multiconv2d/layer_out_"))
-        assert len(heads) == {"diag": 0, "iaf1_nl": 1, "iaf2_nl": 2}[flow]
-        assert all(convs[n].V.shape[-1] == z for n in heads)
+    has_context = flow != "diag" and depth_ar > 0
+    assert [b.name for b in model.blocks] == ["IAF_0_0", "IAF_1_0"]
+    for block in model.blocks:
+        convs = block.named_convs()
+        assert convs["up_conv1"].filters == convs["up_conv1"].V.shape[-1] == 2 * z + (h if has_context else 0) + h
+        # up_* feeds z upward beside the deterministic features.
+        assert convs["up_conv3"].V.shape[2] == (z + h if where == "up" else h)
+        # down_* adds top-down posterior parameters (and a top-down context) to the prior's.
+        assert convs["down_conv1"].filters == convs["down_conv1"].V.shape[-1] == \
+            2 * z + h + (0 if where == "up" else 2 * z + (h if has_context else 0))
+        ar = sorted(n for n in convs if n.startswith("ar_multiconv2d/"))
+        if flow == "diag":
+            assert ar == []
+            continue
+        heads = 2 if flow == "iaf2_nl" else 1
+        assert ar == sorted([f"ar_multiconv2d/layer_{i}" for i in range(depth_ar)]
+                            + [f"ar_multiconv2d/layer_out_{i}" for i in range(heads)])
+        for i in range(depth_ar):
+            assert convs[f"ar_multiconv2d/layer_{i}"].filters == h
+        assert all(convs[f"ar_multiconv2d/layer_out_{i}"].V.shape[-1] == z for i in range(heads))
+        assert block.ar.use_context == has_context
 
 
 def test_default_posterior_matches_tf1_layout():
     # The original's CVAE1: up_conv1 -> [qz_mean, qz_logsd, up_context, h], down_conv1 -> 4 z + 2 h.
-    convs = CVAE(tiny_hps()).build_for(1).named_convs()
+    convs = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1).named_convs()
     assert convs["IAF_0_1/up_conv1"].V.shape == (3, 3, 16, 2 * 4 + 2 * 16)
     assert convs["IAF_0_1/down_conv1"].V.shape == (3, 3, 16, 4 * 4 + 2 * 16)
     assert convs["IAF_1_0/down_deconv2"].V.shape == (3, 3, 16, 4 + 16)
@@ -288,6 +321,129 @@ def test_default_posterior_matches_tf1_layout():
 
 
 def test_diag_posterior_has_fewer_parameters():
-    diag = count_trainable_parameters(CVAE(tiny_hps("posterior=down_diag")).build_for(1))
-    iaf = count_trainable_parameters(CVAE(tiny_hps()).build_for(1))
+    diag = count_trainable_parameters(make_model(tiny_config(TWO_BLOCKS_PER_LEVEL, "posterior=down_diag")).build_for(1))
+    iaf = count_trainable_parameters(make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1))
     assert diag < iaf
+
+
+def test_up_posterior_z_is_fed_upward_and_down_posterior_z_is_not():
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=[2, 16, 16, 8]).astype(np.float32))
+    noise = tf.constant(rng.normal(size=[2, 16, 16, 4]).astype(np.float32))
+    for posterior, feeds_up in (("up_iaf2_nl", True), ("down_iaf2_nl", False)):
+        block = initialized_model(tiny_config(extra=f"posterior={posterior}")).blocks[0]
+        with tf.GradientTape() as tape:
+            tape.watch(noise)
+            out, _ = block.up(x, noise)
+        grad = tape.gradient(out, noise)
+        assert (grad is not None and np.abs(grad.numpy()).max() > 0) == feeds_up, posterior
+
+
+# ---------------------------------------------------------------- the IAF step is autoregressive
+
+
+def check_triangular(jac, height, width, channels):
+    n = height * width * channels
+    jac = jac.reshape(n, n)
+    allowed = raster_allowed(height, width, channels)
+    off_diagonal = ~np.eye(n, dtype=bool)
+    assert np.all(jac[off_diagonal & ~allowed] == 0), "z depends on noise at or before it in the ordering"
+    # The flow is not trivially diagonal: most allowed dependencies are present.
+    assert np.count_nonzero(jac[allowed]) / allowed.sum() > 0.3
+    return np.diag(jac)
+
+
+@pytest.mark.parametrize("depth_ar", [0, 2])
+@pytest.mark.parametrize("posterior", IAF_POSTERIORS)
+def test_iaf_step_jacobian_is_triangular(posterior, depth_ar):
+    # z before the flow -> z after it, at a fixed (random) context: triangular in the raster/channel
+    # ordering, with the diagonal and the log-density change of the flow's definition.
+    cfg = tiny_config(extra=f"posterior={posterior},depth_ar={depth_ar}")
+    z_size = cfg.model.z_size
+    block = initialized_model(cfg).blocks[0]
+    rng = np.random.default_rng(4)
+    height = width = 4
+    z = tf.constant(rng.normal(size=[1, height, width, z_size]).astype(np.float32))
+    log_q = tf.constant(rng.normal(size=[1, height, width, z_size]).astype(np.float32))
+    context = tf.constant(rng.normal(size=[1, height, width, block.context_size]).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        z_out, log_q_out = block.iaf(z, log_q, context)
+    diag = check_triangular(tape.jacobian(z_out, z).numpy(), height, width, z_size)
+    assert np.all(diag > 0)
+    if posterior.endswith("iaf1_nl"):
+        np.testing.assert_allclose(diag, 1.0, rtol=1e-6)  # mean-only: volume-preserving
+        np.testing.assert_array_equal(log_q_out.numpy(), log_q.numpy())
+    else:
+        # log q(z_out) = log q(z) - log|dz_out/dz| elementwise, and the scale is exp(-0.1 s).
+        np.testing.assert_allclose((log_q_out - log_q).numpy().ravel(), -np.log(diag), rtol=1e-4, atol=1e-6)
+        log_scale = IAF_SCALE * block.ar(z, context)[1].numpy().ravel()
+        np.testing.assert_allclose(diag, np.exp(-log_scale), rtol=1e-5)
+    assert not np.allclose(z_out.numpy(), z.numpy())
+
+
+@pytest.mark.parametrize("posterior", ["up_iaf1_nl", "up_iaf2_nl"])
+def test_up_posterior_noise_to_z_jacobian_is_triangular(posterior):
+    # In the bottom-up pass the whole map noise -> Gaussian sample -> IAF is autoregressive too.
+    cfg = tiny_config(extra=f"posterior={posterior}")
+    block = initialized_model(cfg).blocks[0]
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=[1, 8, 8, cfg.model.h_size]).astype(np.float32))  # -> z of 8x8 (stride 1)
+    noise = tf.constant(rng.normal(size=[1, 8, 8, cfg.model.z_size]).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(noise)
+        _, (z, *_) = block.up(x, noise)
+    diag = check_triangular(tape.jacobian(z, noise).numpy(), 8, 8, cfg.model.z_size)
+    assert np.all(diag > 0)
+
+
+@pytest.mark.parametrize("posterior", IAF_POSTERIORS)
+def test_iaf_context_comes_from_both_passes_for_down_and_the_up_pass_for_up(posterior):
+    cfg = tiny_config(extra=f"posterior={posterior}")
+    h_size, z_size = cfg.model.h_size, cfg.model.z_size
+    block = initialized_model(cfg).blocks[0]
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=[2, 16, 16, h_size]).astype(np.float32))
+    noise = tf.constant(rng.normal(size=[2, 16, 16, z_size]).astype(np.float32))
+    _, stats = block.up(x, noise)
+    if posterior.startswith("up_"):
+        # z and log q are final after the bottom-up pass; the top-down pass gets nothing else to sample from
+        # (besides them, only the posterior's Gaussian, which it reports).
+        assert len(stats) == 4 and all(t.shape == noise.shape for t in stats)
+        return
+    qz_mean, qz_logsd, up_context = stats
+    assert up_context.shape[-1] == h_size
+    down_input = tf.constant(rng.normal(size=[2, 16, 16, h_size]).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([up_context, down_input])
+        _, kl_map, _ = block.down(down_input, (qz_mean, qz_logsd, up_context), noise)
+        kl_cost = tf.reduce_sum(kl_map, axis=[1, 2, 3])
+    # The top-down context enters through down_conv1's output, the bottom-up one directly.
+    assert np.abs(tape.gradient(kl_cost, up_context).numpy()).max() > 0
+    assert np.abs(tape.gradient(kl_cost, down_input).numpy()).max() > 0
+    del tape
+
+
+# ---------------------------------------------------------------- dataset=mnist: the Bernoulli likelihood
+
+
+def test_model_binarizes_with_the_step_seed_and_scores_the_28x28_digit():
+    model = initialized_model(tiny_config(extra="dataset=mnist"), grey_images(8, 1))
+    assert model.channels == 1 and model.num_dims == 784 and model.bernoulli
+    images = grey_images(4, 3)
+    step_seed = tf.constant([7, 11])
+    out = run_model(model, images, step_seed)
+    assert out["mean"].shape == (4, 32, 32, 1)
+    assert out["mean"].numpy().min() >= -0.5 and out["mean"].numpy().max() <= 0.5
+    # The same step seed binarizes the same way: feeding that binarization gives the same numbers.
+    binary = dist.binarize(images, tf.random.experimental.stateless_fold_in(step_seed, BINARIZE_STREAM))
+    again = run_model(model, binary, step_seed)
+    for key in ("log_pxz", "kl", "nll"):
+        np.testing.assert_array_equal(out[key].numpy(), again[key].numpy())
+    # At the data-dependent init the logits are ~0, so every scored pixel costs ~log 2: 784 of them,
+    # the 2-pixel border that pads MNIST to 32x32 is not scored.
+    np.testing.assert_allclose(-out["log_pxz"].numpy() / 784, math.log(2), atol=0.01)
+
+
+def test_cifar10_model_has_the_discretized_logistic(tiny_model):
+    assert tiny_model.channels == 3 and tiny_model.num_dims == 3072 and not tiny_model.bernoulli

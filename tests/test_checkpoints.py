@@ -1,0 +1,111 @@
+"""iaf_tf.checkpoints: what a run holds (TrainState), finding checkpoints (resolve) and loading native and
+TF1 ones (restore), with every mismatch an error that names it."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from iaf_tf import checkpoints
+from iaf_tf.checkpoints import TrainState, named_variables
+from iaf_tf.config import load_preset
+from iaf_tf.errors import CheckpointError
+from tests.fixtures import ONE_BLOCK, assert_holds_tf1_checkpoint, random_images, seed, tiny_config
+
+
+@pytest.fixture(scope="module")
+def reference_state():
+    """A tf1_small state with an optimizer, into which each test restores what it needs."""
+    return TrainState(load_preset("tf1_small"))
+
+
+@pytest.mark.parametrize("which", ["ema", "raw"])
+def test_restore_tf1_weights(tf1_reference, reference_prefix, reference_state, which):
+    assert checkpoints.restore(reference_state, reference_prefix, weights=which) == 3000
+    variables = named_variables(reference_state.model)
+    source = tf1_reference.ema if which == "ema" else tf1_reference.weights
+    assert set(variables) == set(source)
+    for name, var in variables.items():
+        np.testing.assert_array_equal(var.numpy(), source[name], err_msg=name)
+    model = reference_state.model
+    np.testing.assert_array_equal(model.x_dec.V.numpy(), source["x_dec/V"])
+    np.testing.assert_array_equal(model.blocks[2].ar.heads[1].g.numpy(), source["IAF_1_0/ar_multiconv2d/layer_out_1/g"])
+
+
+def test_restore_tf1_averages_adamax_slots_and_step(tf1_reference, reference_prefix, reference_state):
+    checkpoints.restore(reference_state, reference_prefix)
+    assert int(reference_state.step.numpy()) == 3000 == int(reference_state.optimizer.iterations.numpy())
+    assert_holds_tf1_checkpoint(reference_state, tf1_reference)
+
+
+def test_restore_rejects_unknown_weights_kind(reference_prefix, reference_state):
+    with pytest.raises(ValueError):
+        checkpoints.restore(reference_state, reference_prefix, weights="average")
+
+
+def test_restore_tf1_into_another_h_size(reference_prefix):
+    state = TrainState(load_preset("tf1_small").parse("h_size=16"), with_optimizer=False)
+    with pytest.raises(CheckpointError, match="h_size"):
+        checkpoints.restore(state, reference_prefix)
+
+
+def test_restore_tf1_into_another_depth(reference_prefix):
+    state = TrainState(load_preset("tf1_small").parse("num_blocks=1,z_size=4"), with_optimizer=False)
+    with pytest.raises(CheckpointError, match="level_depths") as info:
+        checkpoints.restore(state, reference_prefix)
+    assert "z_size: checkpoint has 8" in str(info.value) and "h_size:" not in str(info.value)
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_restore_rejects_a_checkpoint_of_something_else(tmp_path, with_optimizer):
+    prefix = tf.train.Checkpoint(v=tf.Variable([1.0, 2.0])).write(str(tmp_path / "other"))
+    state = TrainState(tiny_config(ONE_BLOCK), with_optimizer=with_optimizer)
+    with pytest.raises(CheckpointError, match="written by another configuration"):
+        checkpoints.restore(state, prefix)
+
+
+def _saved_state(tmp_path, cfg):
+    """A state of cfg after the data-dependent init and one moved average, saved as ckpt-7."""
+    state = TrainState(cfg)
+    state.model.initialize(random_images(4, 1), seed(0))
+    state.averages.reset()
+    for var in state.variables:
+        state.averages.shadow_for(var).assign(tf.convert_to_tensor(var) + 1.0)
+    state.step.assign(7)
+    manager = tf.train.CheckpointManager(state.checkpoint, str(tmp_path / "train"), max_to_keep=None)
+    return state, manager.save(checkpoint_number=7)
+
+
+def test_restore_native_raw_and_ema_weights(tmp_path):
+    cfg = tiny_config(ONE_BLOCK)
+    saved, prefix = _saved_state(tmp_path, cfg)
+    for weights, offset in (("raw", 0.0), ("ema", 1.0)):
+        state = TrainState(cfg, with_optimizer=False)
+        assert checkpoints.restore(state, prefix, weights=weights) == 7
+        for old, new in zip(saved.variables, state.variables):
+            np.testing.assert_allclose(new.numpy(), old.numpy() + offset, err_msg=new.path)
+
+
+def test_restore_native_into_another_configuration_names_the_variables(tmp_path):
+    _, prefix = _saved_state(tmp_path, tiny_config(ONE_BLOCK))
+    state = TrainState(tiny_config(ONE_BLOCK, h_size=16), with_optimizer=False)
+    with pytest.raises(CheckpointError, match="written by another configuration") as info:
+        checkpoints.restore(state, prefix)
+    assert "x_enc/V is [5, 5, 3, 8] in the checkpoint but [5, 5, 3, 16] in the model" in str(info.value)
+
+
+def test_resolve_takes_a_prefix_a_folder_or_a_logdir(tmp_path, reference_dir, reference_prefix):
+    _, prefix = _saved_state(tmp_path, tiny_config(ONE_BLOCK))
+    for given in (prefix, prefix + ".index", tmp_path / "train", tmp_path):
+        assert checkpoints.resolve(given) == prefix
+    assert checkpoints.resolve(reference_dir) == reference_prefix
+    assert checkpoints.is_tf1(reference_prefix) and not checkpoints.is_tf1(prefix)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoints.resolve(tmp_path / "nowhere")
+
+
+def test_named_variables_are_the_original_names_of_every_variable(tiny_model):
+    variables = named_variables(tiny_model)
+    assert len(variables) == len(tiny_model.variables)
+    assert {"h_top", "dec_log_stdv", "x_enc/V", "x_dec/b", "IAF_1_1/down_conv1/g",
+            "IAF_0_0/ar_multiconv2d/layer_out_1/V"} <= set(variables)
+    assert variables["x_enc/V"] is tiny_model.x_enc.V

@@ -1,0 +1,168 @@
+"""iaf_tf.cli (bin/iaf.py): the original's flags, the README's commands, and bad input of every kind ending
+in one `error:` line with nothing written. (Which errors count as the user's: test_errors.py.)"""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from iaf_tf import cli, config
+from tests.fixtures import ONE_BLOCK, cli_env, cli_flags, error_lines, run_cli, train_args
+
+README_HPCONFIG = "depth=1,num_blocks=20,kl_min=0.1,learning_rate=0.002,batch_size=32"
+# bin/iaf.py's flags before the configuration was one tree: the same names still work.
+ORIGINAL_FLAGS = {"logdir", "hpconfig", "preset", "mode", "num_gpus", "strategy", "cpu_replicas", "max_steps",
+                  "checkpoint_every", "summary_every", "seed", "data_dir", "download", "threads", "checkpoint",
+                  "once", "num_images", "poll_seconds", "wait_seconds", "num_samples", "temperature"}
+
+
+def _assert_clean_failure(done, logdir, *needles):
+    assert done.returncode != 0
+    errors = error_lines(done.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: "), done.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not Path(logdir).exists() or not any(Path(logdir).rglob("*")), sorted(Path(logdir).rglob("*"))
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_the_original_flags_are_all_there():
+    flag_values = cli_flags("--mode", "eval_test", "--num_gpus", "1", "--logdir", "/tmp/x", "--hpconfig", "depth=1")
+    assert ORIGINAL_FLAGS <= set(flag_values)
+    assert {"train", "eval_test", "eval_train", "sample"} <= set(cli.MODES)
+    given = config.given_on_command_line(flag_values)
+    assert given == {"num_gpus": 1, "logdir": "/tmp/x", "depth": 1}
+
+
+def test_unexpected_arguments(capsys):
+    assert cli.main(["iaf.py", "extra"], cli_flags()) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: unexpected arguments ['extra']"]
+
+
+# ---------------------------------------------------------------- the README's commands
+
+
+def test_readme_command_with_num_gpus_8_on_a_cpu_host_says_what_to_do(tmp_path, cifar10_dir):
+    # With the README's setup (CIFAR10_PATH set), the one thing wrong here is the number of GPUs.
+    done = run_cli(["--logdir", tmp_path, "--hpconfig", README_HPCONFIG, "--num_gpus", "8", "--mode", "train",
+                    "--max_steps", "1"], env=cli_env(CIFAR10_PATH=str(cifar10_dir)), timeout=300)
+    assert done.returncode == 2
+    assert "--num_gpus=8 but this host has no GPU" in done.stderr and "--cpu_replicas=8" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_readme_command_trains_the_readme_recipe_on_cpu(tmp_path, cifar10_dir):
+    done = run_cli(["--logdir", tmp_path, "--hpconfig", README_HPCONFIG, "--num_gpus", "1", "--mode", "train",
+                    "--max_steps", "1", "--data_dir", cifar10_dir], timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Num trainable variables: 41557927" in done.stdout
+    assert "Iteration 1, time = " in done.stdout
+    assert tf.train.latest_checkpoint(tmp_path / "train").endswith("ckpt-1")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_hpconfig_key(tmp_path):
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", "dpeth=3"))
+    _assert_clean_failure(done, tmp_path / "run", "unknown hparam 'dpeth'", "valid keys: ", "depth")
+
+
+def test_ill_typed_hpconfig_value(tmp_path):
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", "h_size=big"))
+    _assert_clean_failure(done, tmp_path / "run", "h_size", "big")
+
+
+def test_missing_preset(tmp_path):
+    done = run_cli(train_args(tmp_path / "run", "--preset", "nope"))
+    _assert_clean_failure(done, tmp_path / "run", "unknown preset 'nope'", "readme_recipe")
+
+
+def test_missing_cifar10(tmp_path):
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(tmp_path / "none")))
+    _assert_clean_failure(done, tmp_path / "run", str(tmp_path / "none"), "CIFAR10_PATH")
+
+
+def test_cifar10_path_pointing_at_the_wrong_folder(tmp_path):
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "readme.txt").write_text("not CIFAR")
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(tmp_path / "wrong")))
+    _assert_clean_failure(done, tmp_path / "run", str(tmp_path / "wrong"), "cifar-10-batches-py")
+
+
+def _copy_of_cifar(tmp_path, cifar10_dir):
+    copy = tmp_path / "cifar-10-batches-py"
+    copy.mkdir()
+    for f in cifar10_dir.iterdir():
+        (copy / f.name).symlink_to(f)
+    return copy
+
+
+def _truncated(cifar10_dir, name):
+    return (cifar10_dir / name).read_bytes()[:100_000]
+
+
+def _pickled(data_array):
+    return pickle.dumps({b"data": data_array, b"labels": [0] * 10000}, protocol=2)
+
+
+@pytest.mark.parametrize("name, contents", [
+    ("data_batch_3", lambda d: _truncated(d, "data_batch_3")),
+    ("data_batch_2", lambda d: b"\x00garbage" * 1000),                               # corrupt
+    ("data_batch_1", lambda d: _pickled(np.zeros([10000, 1024], np.uint8))),        # wrong shape
+    ("data_batch_4", lambda d: _pickled(np.zeros([10000, 3072], np.float32))),      # wrong dtype
+], ids=["truncated", "corrupt", "wrong_shape", "wrong_dtype"])
+def test_bad_batch_file(name, contents, tmp_path, cifar10_dir):
+    copy = _copy_of_cifar(tmp_path, cifar10_dir)
+    (copy / name).unlink()
+    (copy / name).write_bytes(contents(cifar10_dir))
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(copy)))
+    _assert_clean_failure(done, tmp_path / "run", name)
+
+
+def test_image_size_that_does_not_fit_the_data(tmp_path, cifar10_dir):
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK + ",image_size=64", "--data_dir", cifar10_dir))
+    _assert_clean_failure(done, tmp_path / "run", "uint8 [N, 64, 64, 3]", "image_size")
+
+
+@pytest.mark.slow
+def test_checkpoint_from_another_configuration_names_each_variable(tmp_path, cifar10_dir):
+    first = run_cli(train_args(tmp_path, "--hpconfig", ONE_BLOCK, "--data_dir", cifar10_dir))
+    assert first.returncode == 0, first.stderr[-2000:]
+    train_dir = tmp_path / "train"
+    before = sorted(p.name for p in train_dir.iterdir())
+    other = train_args(tmp_path, "--hpconfig", ONE_BLOCK + ",h_size=16", "--data_dir", cifar10_dir, "--max_steps", "5")
+    # The run's record of its hyper-parameters refuses the change before anything is loaded...
+    done = run_cli(other)
+    assert done.returncode != 0
+    errors = error_lines(done.stderr)
+    assert len(errors) == 1 and "h_size=16 contradicts the run in" in errors[0] and "h_size=8" in errors[0], \
+        done.stderr[-2000:]
+    assert sorted(p.name for p in train_dir.iterdir()) == before  # nothing written
+    # ...and without the record (a run from before records), the checkpoint's shapes do.
+    (train_dir / config.RUN_CONFIG).unlink()
+    before = sorted(p.name for p in train_dir.iterdir())
+    done = run_cli(other)
+    assert done.returncode != 0
+    errors = error_lines(done.stderr)
+    assert len(errors) == 1 and "written by another configuration" in errors[0], done.stderr[-2000:]
+    assert "x_enc/V" in errors[0] and "[5, 5, 3, 8] in the checkpoint but [5, 5, 3, 16] in the model" in errors[0]
+    assert sorted(p.name for p in train_dir.iterdir()) == before  # nothing written
+
+
+def test_logdir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    done = run_cli(train_args(blocker / "run", "--hpconfig", ONE_BLOCK))
+    _assert_clean_failure(done, blocker / "run", "cannot be created", "is a file")
+
+
+def test_more_gpus_than_present(tmp_path, cifar10_dir):
+    # The data is checked first: with it there, the one thing wrong is the number of GPUs.
+    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK, "--num_gpus", "4", "--data_dir", cifar10_dir))
+    _assert_clean_failure(done, tmp_path / "run", "--num_gpus=4", "no GPU")
