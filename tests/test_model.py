@@ -1,9 +1,10 @@
 """iaf_tf.model: the helpers against NumPy / TF1 ops, the original's parameter counts, the call contract,
 multi-level models (depths), the Theano system's posterior variants and IAF depths (structure and the
-autoregressive Jacobian of the IAF step) and the Bernoulli likelihood of dataset=mnist."""
+autoregressive Jacobian of the IAF step), the Bernoulli likelihood of dataset=mnist, and Keras serialization."""
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -447,3 +448,24 @@ def test_model_binarizes_with_the_step_seed_and_scores_the_28x28_digit():
 
 def test_cifar10_model_has_the_discretized_logistic(tiny_model):
     assert tiny_model.channels == 3 and tiny_model.num_dims == 3072 and not tiny_model.bernoulli
+
+
+# ---------------------------------------------------------------- Keras serialization
+
+
+def test_cvae_round_trips_through_keras_saving(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded) is type(tiny_model) and loaded.config == tiny_model.config
+    assert [b.name for b in loaded.blocks] == [b.name for b in tiny_model.blocks]
+    images = random_images(2, 9)
+    want, got = tiny_model(images, seed(1)), loaded(images, seed(1))
+    for key in ("mean", "log_pxz", "kl"):
+        np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
+
+
+def test_iaf_block_config_round_trips():
+    block = make_model(tiny_config(extra="posterior=up_iaf1_nl")).blocks[1]
+    again = type(block).from_config(block.get_config())
+    assert (again.model_config, again.downsample, again.conv_dtype, again.flow, again.bottom_up) == \
+        (block.model_config, True, tf.float32, "iaf1_nl", True)
