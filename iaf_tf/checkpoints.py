@@ -133,9 +133,12 @@ def restore(state, prefix, weights="raw"):
         _check_names(prefix, state)
         status = state.checkpoint.restore(prefix)
         if state.optimizer is None:
-            status.expect_partial().assert_existing_objects_matched()
+            status.expect_partial()  # the weights and averages are all there (_check_names); the rest is unused
         else:
             status.assert_consumed()
+            # The checkpoint holds the optimizer's learning rate too; the config's is the one to use (it
+            # may be changed on resume, e.g. after a non-finite stop).
+            state.optimizer.learning_rate = state.config.optimization.learning_rate
     if weights == "ema":
         state.averages.copy_to_weights()
     return int(state.step.numpy())

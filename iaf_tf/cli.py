@@ -89,7 +89,12 @@ def main(argv, flag_values):
         except errors.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
-        except Exception:
+        except Exception as e:
+            if errors.is_disk_full(e):
+                print(f"error: no space left on the device of --logdir {flag_values.logdir}: "
+                      f"{str(e).strip().splitlines()[0]}; free some and run again (checkpoints are intact)",
+                      file=sys.stderr)
+                return EXIT_USER_ERROR
             traceback.print_exc()
             print("error: this is a bug in iaf-tf, not something you did; please report it with the traceback "
                   "above and the command line", file=sys.stderr)

@@ -264,8 +264,9 @@ class Config:
 
     def parse(self, text: str) -> Config:
         """Apply an hpconfig string "key=value,key=value" (later entries win, as in the original)."""
+        entries = parse_entries(text)
         try:
-            return self.replace(**parse_entries(text))
+            return self.replace(**entries)
         except ConfigError as e:
             raise ConfigError(f"{e} (from {text.strip()!r})") from None
 

@@ -1,6 +1,8 @@
 """The errors a user can cause. bin/iaf.py prints these as one `error:` line; any other exception is a bug
 and keeps its traceback."""
 
+import errno
+
 
 class UserError(Exception):
     """Bad input: the message names what is wrong and how to fix it."""
@@ -20,6 +22,11 @@ class CheckpointError(UserError, ValueError):
 
 class NonFiniteError(UserError, RuntimeError):
     """Training met more consecutive non-finite steps than max_skips allows."""
+
+
+def is_disk_full(error):
+    """Whether an OS or TensorFlow error says the disk is full."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
 
 
 class Interrupted(BaseException):

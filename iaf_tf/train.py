@@ -198,6 +198,7 @@ def train(config, trainer=None, on_step=None, print_fn=print):
     trainer = trainer or Trainer(config)
     is_chief = _is_chief(trainer.strategy)
     say = print_fn if is_chief else (lambda *_: None)
+    _check_start(train_dir, config.runtime.checkpoint)
     with files.RunLock(train_dir) if is_chief else contextlib.nullcontext():
         saver = _CheckpointWriter(trainer, train_dir, is_chief)
         say(f"Num trainable variables: {count_trainable_parameters(trainer.model)}")
@@ -230,15 +231,6 @@ def _restore_or_start(trainer, saver, images, say):
     existing = checkpoints.find_all(saver.train_dir)
     start_from = trainer.config.runtime.checkpoint
     if existing:
-        original = [p for p in existing if os.path.basename(p).startswith("model.ckpt-")]
-        if original:
-            raise CheckpointError(
-                f"{saver.train_dir} holds checkpoints of the original TF1 code ({os.path.basename(original[0])}): "
-                f"train from them in a new logdir with --checkpoint {original[0]} --logdir NEW, or convert them "
-                "with bin/convert_checkpoint.py")
-        if start_from:
-            raise CheckpointError(f"--checkpoint {start_from} starts a new run, but {saver.train_dir} already holds "
-                                  "one: drop --checkpoint to resume it, or choose another --logdir")
         prefix = _restore_newest_readable(trainer, saver.train_dir, existing, say)
         saver.saved_step = int(trainer.step.numpy())
         say(f"Resumed from {prefix} at step {saver.saved_step}")
@@ -257,6 +249,20 @@ def _restore_or_start(trainer, saver, images, say):
     trainer.initialize(first.numpy())
     saver.save(0)
     say("Initialized!")
+
+
+def _check_start(train_dir, start_from):
+    """Refuse, before anything is written, what training cannot do with the checkpoints in train_dir."""
+    existing = checkpoints.find_all(train_dir)
+    original = [p for p in existing if os.path.basename(p).startswith("model.ckpt-")]
+    if original:
+        raise CheckpointError(
+            f"{train_dir} holds checkpoints of the original TF1 code ({os.path.basename(original[0])}): train "
+            f"from them in a new logdir with --checkpoint {original[0]} --logdir NEW, or convert them with "
+            "bin/convert_checkpoint.py")
+    if existing and start_from:
+        raise CheckpointError(f"--checkpoint {start_from} starts a new run, but {train_dir} already holds one: drop "
+                              "--checkpoint to resume it, or choose another --logdir")
 
 
 def _restore_newest_readable(trainer, train_dir, existing, say):

@@ -194,3 +194,41 @@ def raster_allowed(height, width, channels):
     p = np.repeat(np.arange(height * width), channels)
     c = np.tile(np.arange(channels), height * width)
     return (p[None, :] > p[:, None]) | ((p[None, :] == p[:, None]) & (c[None, :] < c[:, None]))
+
+
+# ---------------------------------------------------------------- the original's released format
+
+def write_released_checkpoint(prefix, folder, state_file=None):
+    """Rewrite the TF1 checkpoint at `prefix` as the original's released model was published: TensorFlow
+    0.9's V1 format (one file, model.ckpt-<step>, no .index) and its names (the moving averages and Adamax
+    slots directly under model/). state_file: None (no `checkpoint` file), "relative", or "foreign" (an
+    absolute path of the machine that wrote it). Returns the file's path."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    step = int(reader.get_tensor("model/global_step"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tf.Graph().as_default():
+        saved = {}
+        for name in reader.get_variable_to_shape_map():
+            released = "model/" + name[name.rfind("model/") + len("model/"):]  # model/model/x/Adamax -> model/x/Adamax
+            saved[released] = tf.compat.v1.Variable(reader.get_tensor(name), name=f"v{len(saved)}")
+        saver = tf.compat.v1.train.Saver(saved, write_version=tf.compat.v1.train.SaverDef.V1)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            path = saver.save(session, str(folder / "model.ckpt"), global_step=step, write_meta_graph=False,
+                              write_state=False)
+    if state_file:
+        named = os.path.basename(path) if state_file == "relative" else f"/home/openai/iaf/train/{os.path.basename(path)}"
+        (folder / "checkpoint").write_text(f'model_checkpoint_path: "{named}"\nall_model_checkpoint_paths: "{named}"\n')
+    return path
+
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime)} of every file below folder, to show nothing was changed."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def score_line(stdout):
+    """The `Step: N Score: X` line an evaluation printed."""
+    return next(line for line in stdout.splitlines() if line.startswith("Step: "))

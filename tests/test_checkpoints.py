@@ -9,7 +9,8 @@ from iaf_tf import checkpoints
 from iaf_tf.checkpoints import TrainState, named_variables
 from iaf_tf.config import load_preset
 from iaf_tf.errors import CheckpointError
-from tests.fixtures import ONE_BLOCK, assert_holds_tf1_checkpoint, random_images, seed, tiny_config
+from tests.fixtures import (ONE_BLOCK, REFERENCE_PREFIX, assert_holds_tf1_checkpoint, random_images, seed, tiny_config,
+                            write_released_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,54 @@ def test_named_variables_are_the_original_names_of_every_variable(tiny_model):
     assert {"h_top", "dec_log_stdv", "x_enc/V", "x_dec/b", "IAF_1_1/down_conv1/g",
             "IAF_0_0/ar_multiconv2d/layer_out_1/V"} <= set(variables)
     assert variables["x_enc/V"] is tiny_model.x_enc.V
+
+
+# ---------------------------------------------------------------- finding checkpoints
+
+def _touch_checkpoint(folder, name):
+    (folder / f"{name}.index").write_bytes(b"")
+    (folder / f"{name}.data-00000-of-00001").write_bytes(b"")
+
+
+def test_find_all_lists_native_and_original_checkpoints_newest_first(tmp_path):
+    _touch_checkpoint(tmp_path, "ckpt-20")
+    _touch_checkpoint(tmp_path, "ckpt-3")
+    (tmp_path / "model.ckpt-100").write_bytes(b"v1")  # a V1 single file
+    (tmp_path / "model.ckpt-100.meta").write_bytes(b"")
+    (tmp_path / "events.out.tfevents.1").write_bytes(b"")
+    assert checkpoints.find_all(tmp_path) == [str(tmp_path / n) for n in ("model.ckpt-100", "ckpt-20", "ckpt-3")]
+
+
+@pytest.mark.parametrize("named,expected", [
+    ("ckpt-3", "ckpt-3"),                                # the state file wins where its file exists
+    ("/elsewhere/train/ckpt-3", "ckpt-3"),               # a foreign absolute path: looked up by name here
+    ("ckpt-99", "ckpt-20"),                              # names a missing file: the newest file
+])
+def test_resolve_a_folder_from_its_state_file_or_by_scanning(named, expected, tmp_path):
+    _touch_checkpoint(tmp_path, "ckpt-3")
+    _touch_checkpoint(tmp_path, "ckpt-20")
+    (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "{named}"\n')
+    assert checkpoints.resolve(tmp_path) == str(tmp_path / expected)
+    assert checkpoints.resolve(tmp_path.parent / tmp_path.name / f"{expected}.index") == str(tmp_path / expected)
+
+
+def test_describe_says_format_and_step(reference_dir, tmp_path):
+    released = write_released_checkpoint(reference_dir / REFERENCE_PREFIX, tmp_path)
+    assert checkpoints.describe(released).endswith("(a checkpoint of the original TF1 code, V1 format, step 3000)")
+    assert "V2 format, step 3000" in checkpoints.describe(str(reference_dir / REFERENCE_PREFIX))
+
+
+def test_restore_is_strict_both_ways(tmp_path):
+    small = checkpoints.TrainState(tiny_config(ONE_BLOCK))
+    prefix = small.checkpoint.write(str(tmp_path / "ckpt-1"))
+    bigger = checkpoints.TrainState(tiny_config(ONE_BLOCK, "num_blocks=2"))
+    with pytest.raises(CheckpointError, match="is missing from the checkpoint") as missing:
+        checkpoints.restore(bigger, prefix)
+    assert len(str(missing.value)) < 2000
+    wider = checkpoints.TrainState(tiny_config(ONE_BLOCK, "h_size=16"), with_optimizer=False)
+    with pytest.raises(CheckpointError, match=r"x_enc/V is \[5, 5, 3, 8\] in the checkpoint but \[5, 5, 3, 16\]"):
+        checkpoints.restore(wider, prefix)
+    bigger.checkpoint.write(str(tmp_path / "ckpt-2"))
+    with pytest.raises(CheckpointError, match="is in the checkpoint but not in the model"):
+        checkpoints.restore(checkpoints.TrainState(tiny_config(ONE_BLOCK), with_optimizer=False),
+                            str(tmp_path / "ckpt-2"))

@@ -1,7 +1,11 @@
 """iaf_tf.cli (bin/iaf.py): the original's flags, the README's commands, and bad input of every kind ending
 in one `error:` line with nothing written. (Which errors count as the user's: test_errors.py.)"""
 
+import os
 import pickle
+import re
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import cli, config
-from tests.fixtures import ONE_BLOCK, cli_env, cli_flags, error_lines, run_cli, train_args
+from tests.fixtures import ONE_BLOCK, cli_env, cli_flags, error_lines, run_cli, start_cli, train_args
 
 README_HPCONFIG = "depth=1,num_blocks=20,kl_min=0.1,learning_rate=0.002,batch_size=32"
 # bin/iaf.py's flags before the configuration was one tree: the same names still work.
@@ -166,3 +170,114 @@ def test_more_gpus_than_present(tmp_path, cifar10_dir):
     # The data is checked first: with it there, the one thing wrong is the number of GPUs.
     done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK, "--num_gpus", "4", "--data_dir", cifar10_dir))
     _assert_clean_failure(done, tmp_path / "run", "--num_gpus=4", "no GPU")
+
+
+# ---------------------------------------------------------------- every bad input: one line, nothing written
+
+BAD_INPUTS = [
+    (["--checkpoint_every", "0"], "--checkpoint_every=0"),
+    (["--summary_every", "0"], "--summary_every=0"),
+    (["--checkpoint_every", "-1"], "--checkpoint_every=-1"),
+    (["--max_steps", "-1"], "--max_steps=-1"),
+    (["--threads", "-3"], "--threads=-3"),
+    (["--seed", "-1"], "--seed=-1"),
+    (["--image_every", "-1"], "--image_every=-1"),
+    (["--hpconfig", f"{ONE_BLOCK},depth=6"], "depth=6: 6 levels need image_size divisible by 64, and image_size=32 "
+                                             "allows at most 5 levels"),
+    (["--hpconfig", f"{ONE_BLOCK},depths=1-1-1-1-1-1"], "depths='1-1-1-1-1-1': 6 levels"),
+    (["--mode", "sample", "--num_samples", "0"], "--num_samples=0"),
+    (["--mode", "sample", "--temperature", "nan"], "--temperature=nan"),
+    (["--mode", "eval_test", "--poll_seconds", "0"], "--poll_seconds=0.0"),
+    (["--mode", "eval_test", "--num_images", "-5"], "--num_images=-5"),
+    (["--strategy", "multi_worker"], "TF_CONFIG is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_a_bad_flag_or_hparam_is_one_error_line_and_writes_nothing(args, fragment, tmp_path, cifar10_dir):
+    logdir = tmp_path / "run"
+    mode = [] if "--mode" in args else ["--mode", "train", "--hpconfig", ONE_BLOCK]
+    done = run_cli(["--logdir", logdir, "--num_gpus", "1", *mode, *args],
+                   env=cli_env(CIFAR10_PATH=str(cifar10_dir), TF_CONFIG="{not json"))
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert not logdir.exists()
+
+
+def test_empty_logdir_is_refused(tmp_path):
+    done = run_cli(["--mode", "train", "--logdir", "", "--hpconfig", ONE_BLOCK], )
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and lines == ["error: invalid flag --logdir='': must not be empty"], lines
+
+
+def test_num_images_beyond_the_split_is_refused_before_evaluating(tmp_path, cifar10_dir, reference_dir):
+    done = run_cli(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", tmp_path / "run",
+                    "--num_images", "99999"], env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "--num_images=99999: the cifar10 test split has 10000 images" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_logdir_whose_mode_folder_cannot_be_written_fails_before_evaluating(tmp_path, cifar10_dir, reference_dir):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / "eval_test").write_text("a file where the results would go")
+    done = run_cli(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", logdir],
+                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], done.stderr
+    assert "Score" not in done.stdout
+    assert sorted(p.name for p in logdir.iterdir()) == ["eval_test"]
+
+
+# ---------------------------------------------------------------- quiet logs
+
+_STARTUP = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+                      r"|I0000 \S+ +\d+ (port\.cc:\d+\] oneDNN custom operations are on"
+                      r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine))")
+
+
+@pytest.mark.slow
+def test_a_normal_training_and_eval_run_print_no_log_lines_but_the_listed_start_up_ones(tmp_path, cifar10_dir):
+    env = dict(os.environ, CIFAR10_PATH=str(cifar10_dir))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # what a user has: bin/iaf.py's own default
+    for args in (["--mode", "train", "--preset", "cpu_quick", "--num_gpus", "1", "--max_steps", "3",
+                  "--checkpoint_every", "2"],
+                 ["--mode", "eval_test", "--once", "--num_images", "100"]):
+        done = run_cli([*args, "--logdir", tmp_path], env=env)
+        assert done.returncode == 0, done.stderr
+        others = [line for line in done.stderr.splitlines() if line.strip() and not _STARTUP.match(line)]
+        assert others == [], others
+        assert not [line for line in done.stdout.splitlines() if re.match(r"^(I\d{4}|W\d{4}|E\d{4}|INFO:|WARNING:)", line)]
+
+
+# ---------------------------------------------------------------- signals at any moment
+
+def _no_temporary_files(root):
+    return [str(p) for p in Path(root).rglob("*") if "_temp" in p.name or p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["train", "eval_test"])
+def test_sigint_and_sigterm_at_random_moments_end_cleanly(mode, tmp_path, cifar10_dir, reference_dir):
+    """Bounded: four runs per mode, each signalled once at a random moment of start-up, initialization,
+    training or evaluation."""
+    rng = np.random.default_rng(7 if mode == "train" else 8)
+    args = (["--mode", "train", "--num_gpus", "1", "--hpconfig", ONE_BLOCK, "--max_steps", "200",
+             "--checkpoint_every", "3"] if mode == "train" else
+            ["--mode", "eval_test", "--checkpoint", reference_dir, "--num_images", "2000"])
+    for trial in range(4):
+        logdir = tmp_path / f"run{trial}"
+        sig = (signal.SIGINT, signal.SIGTERM)[trial % 2]
+        process = start_cli([*args, "--logdir", logdir], env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+        time.sleep(float(rng.uniform(0.5, 12.0)))
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=300)
+        assert "Traceback" not in stderr, stderr
+        if process.returncode != 0:
+            assert process.returncode == 128 + sig, (process.returncode, stderr)
+            lines = error_lines(stderr)
+            assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {sig.name}"), lines
+        assert _no_temporary_files(tmp_path) == []

@@ -3,6 +3,8 @@ the loss of every variant and dataset, writes summaries, and survives what happe
 preemption, several machines); mixed precision and XLA against the float32 default."""
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,14 +15,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, data, datasets, train
+from iaf_tf import checkpoints, config, data, datasets, train
 from iaf_tf.config import Config, load_preset
-from iaf_tf.errors import NonFiniteError
+from iaf_tf.errors import CheckpointError, NonFiniteError
+from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, cli_env, grey_images, latest_step,
-                            random_images, read_events, run_cli, run_model, scalar_series, seed, start_cli, tiny_config)
+from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, cli_env, error_lines, grey_images,
+                            latest_step, random_images, read_events, read_expected, run_cli, run_model, scalar_series,
+                            seed, snapshot, start_cli, tiny_config, train_args)
 
 
 def _quiet(_line):
@@ -547,3 +551,206 @@ def test_jit_compile_gives_the_same_loss(monkeypatch, cifar10_dir):
                        for i in range(3)]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
     assert losses[True][0] != losses[True][1]  # the steps really trained
+
+
+# ---------------------------------------------------------------- checkpoints you can trust
+
+def _trained_run(logdir, cifar10_dir, steps=4, every=2):
+    """A short run with checkpoints at 0, every, 2*every, ..."""
+    done = run_cli(train_args(logdir, "--hpconfig", ONE_BLOCK, "--max_steps", steps, "--checkpoint_every", every),
+                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    assert done.returncode == 0, done.stderr
+    return logdir / "train"
+
+
+def _resume(logdir, cifar10_dir, *extra):
+    return run_cli(train_args(logdir, "--max_steps", 4, *extra), env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory, cifar10_dir):
+    return _trained_run(tmp_path_factory.mktemp("run") / "run", cifar10_dir)
+
+
+def _copy_run(train_dir, tmp_path):
+    shutil.copytree(train_dir.parent, tmp_path / "run")
+    return tmp_path / "run" / "train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["state file deleted", "state file names a missing checkpoint",
+                                   "newest checkpoint deleted", "newest checkpoint truncated"])
+def test_a_broken_run_resumes_from_its_newest_readable_checkpoint_and_says_so(fault, four_step_run, tmp_path,
+                                                                             cifar10_dir):
+    train_dir = _copy_run(four_step_run, tmp_path)
+    if fault == "state file deleted":
+        (train_dir / "checkpoint").unlink()
+    elif fault == "state file names a missing checkpoint":
+        (train_dir / "checkpoint").write_text('model_checkpoint_path: "ckpt-99"\n')
+    elif fault == "newest checkpoint deleted":
+        for path in train_dir.glob("ckpt-4.*"):
+            path.unlink()
+    else:
+        data = next(train_dir.glob("ckpt-4.data-*"))
+        data.write_bytes(data.read_bytes()[:100])
+    expected = 2 if fault.startswith("newest") else 4
+    before = snapshot(train_dir)
+    done = _resume(train_dir.parent, cifar10_dir, "--max_steps", expected)  # nothing to train: restore only
+    assert done.returncode == 0, done.stderr
+    assert f"Resumed from {train_dir}/ckpt-{expected} at step {expected}" in done.stdout
+    assert "Initializing" not in done.stdout
+    if fault != "newest checkpoint deleted":
+        assert "warning:" in done.stdout
+    assert {k: v for k, v in snapshot(train_dir).items() if k.startswith("ckpt-")} == \
+        {k: v for k, v in before.items() if k.startswith("ckpt-")}
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoints_all_fail_to_read_is_refused(four_step_run, tmp_path, cifar10_dir):
+    train_dir = _copy_run(four_step_run, tmp_path)
+    for data_file in train_dir.glob("ckpt-*.data-*"):
+        data_file.write_bytes(b"garbage")
+    before = snapshot(train_dir)
+    done = _resume(train_dir.parent, cifar10_dir)
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "none of the checkpoints" in lines[0] and "ckpt-4" in lines[0] and "ckpt-0" in lines[0]
+    lock = RunLock.NAME  # the trainer's own lock file names it while it runs
+    assert {k: v for k, v in snapshot(train_dir).items() if k != lock} == {k: v for k, v in before.items() if k != lock}
+
+
+@pytest.mark.slow
+def test_resume_and_eval_from_the_logdir_alone_with_changes_recorded(four_step_run, tmp_path, cifar10_dir):
+    train_dir = _copy_run(four_step_run, tmp_path)
+    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
+    record = config.read_run_config(train_dir)
+    assert record == tiny_config(ONE_BLOCK)
+    done = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 5, "--hpconfig",
+                    "learning_rate=0.001"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert "learning_rate: 0.002 → 0.001" in done.stdout
+    assert "# step 4: learning_rate 0.002 -> 0.001" in (train_dir / "hparams.cfg").read_text()
+    assert config.read_run_config(train_dir).optimization.learning_rate == 0.001
+    refused = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 6, "--hpconfig", "h_size=16"],
+                      env=env)
+    assert refused.returncode == 2
+    assert error_lines(refused.stderr) == [
+        f"error: h_size=16 contradicts the run in {train_dir}, which has h_size=8: a run's architecture and dataset "
+        "cannot change; drop it, or use another --logdir for a new run"]
+    for mode in ("eval_test", "sample"):
+        done = run_cli(["--mode", mode, "--once", "--num_images", 20, "--logdir", train_dir.parent], env=env)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_logdir_exits_at_once_and_a_killed_one_leaves_no_lock(tmp_path, cifar10_dir):
+    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
+    logdir = tmp_path / "run"
+    first = start_cli(train_args(logdir, "--hpconfig", ONE_BLOCK, "--max_steps", 0, "--checkpoint_every", 1), env=env)
+    try:
+        deadline = time.time() + 120
+        while latest_step(logdir / "train") < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert latest_step(logdir / "train") >= 2
+        begin = time.time()
+        second = run_cli(train_args(logdir, "--hpconfig", ONE_BLOCK, "--max_steps", 0), env=env)
+        assert time.time() - begin < 30 and second.returncode == 2
+        lines = error_lines(second.stderr)
+        assert len(lines) == 1 and f"in use by another trainer (host {socket.gethostname()}, PID {first.pid})" in lines[0]
+        assert first.poll() is None  # the first one is unaffected
+        step = latest_step(logdir / "train")
+        time.sleep(2)
+        assert latest_step(logdir / "train") > step
+    finally:
+        first.kill()
+        first.wait()
+    again = run_cli(train_args(logdir, "--max_steps", latest_step(logdir / "train") + 1), env=env)
+    assert again.returncode == 0, again.stderr
+    assert "Resumed from" in again.stdout
+
+
+@pytest.mark.slow
+def test_after_a_non_finite_stop_the_newest_checkpoint_holds_weights_from_before_the_trouble(tmp_path, cifar10_dir):
+    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
+    logdir = tmp_path / "run"
+    blown = run_cli(train_args(logdir, "--hpconfig", f"{ONE_BLOCK},learning_rate=1e6,max_skips=3", "--max_steps", 0,
+                               "--checkpoint_every", 1), env=env)
+    assert blown.returncode == 3, blown.stderr
+    lines = error_lines(blown.stderr)
+    assert len(lines) == 1 and "holds the weights of" in lines[0] and "ckpt-0" in lines[0], lines
+    newest = tf.train.load_checkpoint(checkpoints.find_all(logdir / "train")[0])
+    initial = tf.train.load_checkpoint(str(logdir / "train" / "ckpt-0"))
+    key = "model/dec_log_stdv/.ATTRIBUTES/VARIABLE_VALUE"
+    assert newest.get_tensor(key) == initial.get_tensor(key) == 0.0
+    resumed = run_cli(["--mode", "train", "--logdir", logdir, "--max_steps", _step_of_newest(logdir) + 3,
+                       "--hpconfig", "learning_rate=0.002"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "update skipped" not in resumed.stdout
+
+
+def _step_of_newest(logdir):
+    return int(checkpoints.find_all(logdir / "train")[0].rsplit("-", 1)[1])
+
+
+def test_a_non_finite_evaluation_is_an_error_with_no_result_file(tmp_path, cifar10_dir):
+    cfg = tiny_config(ONE_BLOCK)
+    state = checkpoints.TrainState(cfg)
+    for shadow in state.averages.shadows:
+        shadow.assign(tf.fill(shadow.shape, float("nan")))
+    (tmp_path / "run" / "train").mkdir(parents=True)
+    state.checkpoint.write(str(tmp_path / "run" / "train" / "ckpt-7"))
+    (tmp_path / "run" / "train" / "hparams.cfg").write_text(config.run_config_text(cfg))
+    done = run_cli(["--mode", "eval_test", "--once", "--num_images", 10, "--logdir", tmp_path / "run"],
+                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    assert done.returncode == 3, done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "is nan" in lines[0] and "no result was written" in lines[0]
+    assert not list((tmp_path / "run").rglob("result-*.json"))
+
+
+@pytest.mark.slow
+def test_train_starts_a_new_run_from_a_tf1_checkpoint_but_refuses_one_in_its_own_folder(reference_dir, tmp_path,
+                                                                                       cifar10_dir):
+    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
+    hpconfig = read_expected()["hpconfig"]
+    done = run_cli(["--mode", "train", "--logdir", tmp_path / "new", "--hpconfig", hpconfig, "--checkpoint",
+                    reference_dir, "--max_steps", 3001], env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Starting a new run from" in done.stdout and "step 3000" in done.stdout
+    assert latest_step(tmp_path / "new" / "train") == 3001
+    again = run_cli(["--mode", "train", "--logdir", tmp_path / "new", "--checkpoint", reference_dir, "--max_steps",
+                     3002], env=env)
+    assert again.returncode == 2 and "starts a new run" in error_lines(again.stderr)[0]
+    shutil.copytree(reference_dir, tmp_path / "tf1" / "train")
+    before = snapshot(tmp_path / "tf1")
+    refused = run_cli(["--mode", "train", "--logdir", tmp_path / "tf1", "--hpconfig", hpconfig], env=env)
+    lines = error_lines(refused.stderr)
+    assert refused.returncode == 2 and len(lines) == 1 and "convert_checkpoint.py" in lines[0], refused.stderr
+    assert snapshot(tmp_path / "tf1") == before
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_the_latest(tmp_path, cifar10_dir):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        cfg = tiny_config(ONE_BLOCK, data_dir=str(cifar10_dir), logdir=str(mount / "run"), max_steps=2,
+                          image_every=0)
+        train.train(cfg, print_fn=lambda *_: None)
+        with open(mount / "filler", "wb", buffering=0) as filler:  # fill what is left, then free room for small files only
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(mount / "filler", max(0, os.path.getsize(mount / "filler") - 48 * 1024))
+        before = snapshot(mount / "run" / "train")
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*ckpt-3.*ckpt-2 is still the latest"):
+            train.train(cfg.replace(max_steps=3), print_fn=lambda *_: None)
+        after = snapshot(mount / "run" / "train")
+        assert not [name for name in after if "ckpt-3" in name or "_temp" in name]
+        assert {k: v for k, v in after.items() if k.startswith("ckpt-") or k == "checkpoint"} == \
+            {k: v for k, v in before.items() if k.startswith("ckpt-") or k == "checkpoint"}
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
