@@ -1,7 +1,6 @@
 """What bin/iaf.py and the `iaf-tf` command run: flags in, library calls out, and every way a run can end
 as a documented exit code with at most one `error:` line (README, "Exit codes")."""
 
-import contextlib
 import os
 import signal
 import sys
@@ -57,19 +56,20 @@ def _config(mode, flag_values):
     return config.Config().replace(**given) if saved is None else config.on_top_of(saved, given, train_dir)[0]
 
 
-@contextlib.contextmanager
-def _signals_raise():
-    """SIGINT and SIGTERM raise errors.Interrupted wherever the run is (the training loop catches them
-    itself, to save a checkpoint and exit 0)."""
+def _raise_on_signals():
+    """From here on SIGINT and SIGTERM raise errors.Interrupted wherever the run is (the training loop
+    catches them itself, to save a checkpoint and exit 0)."""
     def interrupt(signum, _frame):
         raise errors.Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+
+
+def _exit_on_signals(code):
+    """The work is done: a signal while the process tears down ends it at once with the run's code."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(code))
 
 
 def main(argv, flag_values):
@@ -77,28 +77,27 @@ def main(argv, flag_values):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return EXIT_USER_ERROR
-    with _signals_raise():
-        try:
-            _quiet_python_logs(flag_values)
-            _run(flag_values.mode, _config(flag_values.mode, flag_values))
-        except errors.Interrupted as e:
-            return _interrupted(e)
-        except errors.NonFiniteError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_NON_FINITE
-        except errors.UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+    try:
+        _quiet_python_logs(flag_values)
+        _run(flag_values.mode, _config(flag_values.mode, flag_values))
+    except errors.Interrupted as e:
+        return _interrupted(e)
+    except errors.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except errors.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if errors.is_disk_full(e):
+            print(f"error: no space left on the device of --logdir {flag_values.logdir}: "
+                  f"{str(e).strip().splitlines()[0]}; free some and run again (checkpoints are intact)",
+                  file=sys.stderr)
             return EXIT_USER_ERROR
-        except Exception as e:
-            if errors.is_disk_full(e):
-                print(f"error: no space left on the device of --logdir {flag_values.logdir}: "
-                      f"{str(e).strip().splitlines()[0]}; free some and run again (checkpoints are intact)",
-                      file=sys.stderr)
-                return EXIT_USER_ERROR
-            traceback.print_exc()
-            print("error: this is a bug in iaf-tf, not something you did; please report it with the traceback "
-                  "above and the command line", file=sys.stderr)
-            return EXIT_BUG
+        traceback.print_exc()
+        print("error: this is a bug in iaf-tf, not something you did; please report it with the traceback "
+              "above and the command line", file=sys.stderr)
+        return EXIT_BUG
     return 0
 
 
@@ -121,16 +120,22 @@ def run():
     # TensorFlow's C++ log: level 3 also hides the cuInit failure of every host without a GPU (README,
     # "Log lines"); set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _signals_raise():
-        try:
-            from absl import app, flags
+    _raise_on_signals()
+    try:
+        from absl import app, flags
 
-            from iaf_tf import config
+        from iaf_tf import config
 
-            define_flags(flags)
-            # absl's --help lists the main module's flags; ours are defined here, so make them its flags.
-            for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
-                flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-        except errors.Interrupted as e:  # while TensorFlow is being imported
-            sys.exit(_interrupted(e))
-        app.run(lambda argv: main(argv, flags.FLAGS))
+        define_flags(flags)
+        # absl's --help lists the main module's flags; ours are defined here, so make them its flags.
+        for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+    except errors.Interrupted as e:  # while TensorFlow is being imported
+        sys.exit(_interrupted(e))
+
+    def main_then_exit(argv):
+        code = main(argv, flags.FLAGS)
+        _exit_on_signals(code)
+        return code
+
+    app.run(main_then_exit)
