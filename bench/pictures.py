@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import harness
 from harness import Column
@@ -32,9 +33,11 @@ def child(args):
 
         train.train(cfg, on_step=on_step, print_fn=harness.quiet)
         total = time.perf_counter() - begin
+        pngs = len(list(Path(logdir, "train").glob("*.png")))
     # From step 10 on (past tracing and warm-up): the loop's whole time per step, pictures included.
     harness.write_record(args.record, {"steps_per_s": (len(ends) - 10) / (ends[-1] - ends[9]),
-                                       "median_step_s": statistics.median(seconds[10:]), "wall_s": total})
+                                       "median_step_s": statistics.median(seconds[10:]), "wall_s": total,
+                                       "pngs": pngs})
 
 
 def main():
@@ -70,7 +73,7 @@ def main():
                      f"(target >= 0.97): {'OK' if ratio >= 0.97 else 'MISSED'}")
     harness.print_table([Column("round", "round"), Column("image_every", "image_every"),
                          Column("steps/s", "steps_per_s", ".2f"), Column("median step s", "median_step_s", ".4f"),
-                         Column("wall s", "wall_s", ".0f")], rows, labels=2,
+                         Column("wall s", "wall_s", ".0f"), Column("PNGs written", "pngs", "d")], rows, labels=2,
                         title=f"{args.config}, {args.steps} steps per run", notes=notes)
 
 

@@ -63,3 +63,44 @@ def test_scores_samples_reconstructions_and_codes(trained, cifar10_dir):
 def test_trained_model_of_a_config_has_no_optimizer():
     state = api.TrainedModel(load_preset("tf1_small")).state
     assert state.optimizer is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["tf1 checkpoint", "converted run folder"])
+def test_the_api_reproduces_the_reference_bits_per_dim(how, reference_dir, cifar10_dir, tmp_path, expected):
+    path = reference_dir
+    if how == "converted run folder":
+        convert.convert(reference_dir, tmp_path)
+        path = tmp_path
+    images = data.load_cifar10("test", cifar10_dir)[:2000]
+    bits = iaf_tf.load(path).bits_per_dim(images, k=1)
+    want = next(r["bits_per_dim"] for r in expected["results"]
+                if (r["weights"], r["k"], r["test_images"]) == ("ema", 1, "first 2000"))
+    assert abs(bits - want) <= 0.01  # the fidelity tests' tolerance for fewer than 10,000 images
+
+
+def test_k_samples_are_drawn_in_passes_of_at_most_eval_batch_size(reference_prefix, cifar10_dir):
+    """Memory flat in k: no forward pass holds more than eval_batch_size (image, sample) pairs."""
+    trained = iaf_tf.load(reference_prefix, eval_batch_size=50)
+    seen = []
+    call = trained.model.call
+
+    def recording(images, seed, k=1, **kwargs):
+        seen.append(int(images.shape[0]) * k)
+        return call(images, seed, k=k, **kwargs)
+
+    trained.model.call = recording
+    trained._evaluator = type(trained._evaluator)(trained.model)  # trace again through the recorder
+    nll = trained.nll(data.load_cifar10("test", cifar10_dir)[:2], k=400)
+    assert nll.shape == (2,) and np.all(np.isfinite(nll))
+    assert seen and max(seen) <= 50
+
+
+@pytest.mark.parametrize("given", [{"depth": 1}, {"posterior": "down_iaf1_nl"}, {"num_blocks": 3},
+                                   {"dataset": "mnist"}])
+def test_evaluating_a_run_under_another_architecture_is_refused(given, reference_dir, tmp_path):
+    _, converted = convert.convert(reference_dir, tmp_path)
+    key, value = next(iter(given.items()))
+    with pytest.raises(ConfigError, match=f"^{key}={value} contradicts the run in .* which has {key}="
+                                          f"{converted.get(key)}:"):
+        api.config_for(tmp_path, given)

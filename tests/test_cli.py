@@ -5,6 +5,8 @@ import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import cli, config
-from tests.fixtures import ONE_BLOCK, cli_env, cli_flags, error_lines, run_cli, start_cli, train_args
+from tests.fixtures import (ONE_BLOCK, ROOT, cli_env, cli_flags, error_lines, latest_step, run_cli, start_cli,
+                            train_args)
 
 README_HPCONFIG = "depth=1,num_blocks=20,kl_min=0.1,learning_rate=0.002,batch_size=32"
 # bin/iaf.py's flags before the configuration was one tree: the same names still work.
@@ -281,3 +284,69 @@ def test_sigint_and_sigterm_at_random_moments_end_cleanly(mode, tmp_path, cifar1
             lines = error_lines(stderr)
             assert len(lines) == 1 and lines[0].startswith(f"error: stopped by {sig.name}"), lines
         assert _no_temporary_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- README's Python examples, as written
+
+def _readme_python_blocks():
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+
+
+@pytest.mark.slow
+def test_the_readme_python_examples_run_as_written(tmp_path, cifar10_dir, reference_dir):
+    """From a folder beside a `shared/` like the checkout's: the export command first (its example loads
+    what it wrote), then every ```python block of README.md, each in a fresh process."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "reference").symlink_to(reference_dir.parent)
+    (tmp_path / "shared" / "data").symlink_to(cifar10_dir.parent if cifar10_dir.name == "cifar-10-batches-py"
+                                              else cifar10_dir)
+    env = dict(cli_env(), PYTHONPATH=str(ROOT))
+    command = re.search(r"^    (python bin/iaf.py --mode export .*)$", (ROOT / "README.md").read_text(), re.M).group(1)
+    done = subprocess.run([sys.executable, str(ROOT / "bin" / "iaf.py"), *command.split()[2:]], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 3
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, block + "\n" + done.stderr[-3000:]
+        assert done.stdout.strip()  # each example prints what it shows
+
+
+@pytest.mark.slow
+def test_pip_install_gives_a_console_command_that_works_from_any_folder(tmp_path, cifar10_dir):
+    """The package as installed (not editable): the presets are package data, `iaf-tf` is its command."""
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    if done.returncode and "setuptools" in done.stderr:
+        pytest.skip("setuptools is not installed in this environment")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (target / "iaf_tf" / "presets").glob("*.cfg")) == \
+        sorted(p.name for p in (ROOT / "iaf_tf" / "presets").glob("*.cfg"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(cli_env(CIFAR10_PATH=str(cifar10_dir)), PYTHONPATH=str(target))
+    done = subprocess.run([sys.executable, str(target / "bin" / "iaf-tf"), "--mode", "train", "--preset", "cpu_quick",
+                           "--num_gpus", "1", "--max_steps", "5", "--logdir", tmp_path / "D"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Stopped at step 5" in done.stdout
+    assert latest_step(tmp_path / "D" / "train") == 5
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_a_blocked_mode_folder_under_a_writable_logdir_fails_before_any_work(mode, tmp_path, cifar10_dir,
+                                                                            reference_dir):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / mode).write_text("a file where the mode writes")
+    extra = ["--hpconfig", ONE_BLOCK] if mode == "train" else ["--checkpoint", reference_dir]
+    done = run_cli(["--mode", mode, "--num_gpus", "1", "--logdir", logdir, *extra],
+                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], done.stderr
+    assert sorted(p.name for p in logdir.iterdir()) == [mode]

@@ -1,5 +1,6 @@
 """iaf_tf.export: a SavedModel of a model's weights that plain TensorFlow loads and runs."""
 
+import json
 import math
 import subprocess
 import sys
@@ -42,13 +43,24 @@ def test_sample_signature_draws_uint8_images(exported):
     assert np.abs(cold.numpy().astype(int) - cold.numpy()[:1].astype(int)).max() <= 1
 
 
-def test_plain_tensorflow_loads_it_without_iaf_tf(exported):
+def test_plain_tensorflow_loads_it_without_iaf_tf(exported, cifar10_dir, expected):
+    """In a process where iaf_tf cannot be imported: the reference's bits/dim on the first 200 test images
+    (with the SavedModel's own noise), and samples of the right shape and dtype."""
     _, out_dir = exported
     script = ("import sys; sys.modules['iaf_tf'] = None  # any use of iaf_tf would fail\n"
-              "import tensorflow as tf\n"
-              f"m = tf.saved_model.load({out_dir!r})\n"
-              "out = m.signatures['score'](images=tf.zeros([2, 32, 32, 3], tf.uint8), seed=tf.constant(0, tf.int64))\n"
-              "print(out['nll'].shape[0], bool(tf.reduce_all(tf.math.is_finite(out['nll']))))\n")
+              "import json, pickle, tensorflow as tf\n"
+              f"batch = pickle.load(open({str(cifar10_dir / 'test_batch')!r}, 'rb'), encoding='bytes')[b'data']\n"
+              "images = batch[:200].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)\n"
+              f"m = tf.saved_model.load({str(out_dir)!r})\n"
+              "out = m.signatures['score'](images=tf.constant(images), seed=tf.constant(0, tf.int64))\n"
+              "drawn = m.signatures['sample'](num_images=tf.constant(5), temperature=tf.constant(1.0),\n"
+              "                               seed=tf.constant(0, tf.int64))['images']\n"
+              "print(json.dumps([float(tf.reduce_mean(out['bits_per_dim'])), drawn.shape.as_list(), "
+              "drawn.dtype.name]))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["2", "True"]
+    bits, shape, dtype = json.loads(done.stdout.strip().splitlines()[-1])
+    want = next(r["bits_per_dim"] for r in expected["results"]
+                if (r["weights"], r["k"], r["test_images"]) == ("ema", 1, "first 200"))
+    assert abs(bits - want) <= 0.01
+    assert (shape, dtype) == ([5, 32, 32, 3], "uint8")
