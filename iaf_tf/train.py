@@ -1,7 +1,8 @@
 """Training: the objective (`loss_fn`), one step (`Trainer.train_step`) and the loop (`train`).
 
 A step is: per-replica loss and gradients -> one MEAN all-reduce (the original's tower averaging) ->
-skip the update if anything is non-finite -> Adamax -> moving averages.
+skip the update if anything is non-finite -> the moving averages (of the weights before this update,
+as the original's) -> Adamax.
 """
 
 import contextlib
