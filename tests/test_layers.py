@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf.layers import ARMultiConv, WNConv2D, ar_conv, conv_ar_mask, linear_ar_mask
+from tests.fixtures import raster_allowed
 
 # ---------------------------------------------------------------- NumPy references
 
@@ -470,18 +471,6 @@ def test_data_dependent_init_masked_conv_uses_scale_one():
 # ---------------------------------------------------------------- autoregressive network
 
 
-def _raster_allowed(height, width, channels):
-    """allowed[(p, c), (p', c')]: output (p, c) may depend on input (p', c') with p the raster index."""
-    n = height * width * channels
-    allowed = np.zeros([n, n], bool)
-    for p in range(height * width):
-        for c in range(channels):
-            for q in range(height * width):
-                for d in range(channels):
-                    allowed[p * channels + c, q * channels + d] = q > p or (q == p and d < c)
-    return allowed
-
-
 @pytest.mark.parametrize("context_kind", ["zero", "random"])
 def test_ar_multiconv_jacobian_is_strictly_triangular(context_kind):
     rng = np.random.default_rng(8)
@@ -504,7 +493,7 @@ def test_ar_multiconv_jacobian_is_strictly_triangular(context_kind):
         tape.watch(z)
         heads = net(z, context)
     assert len(heads) == 2
-    allowed = _raster_allowed(height, width, channels)
+    allowed = raster_allowed(height, width, channels)
     n = height * width * channels
     for head in heads:
         assert head.shape == (1, height, width, channels)
@@ -541,3 +530,23 @@ def test_ar_multiconv_adds_context_after_first_layer():
     hidden = np.where(hidden > 0, hidden, np.expm1(hidden))
     expected = np_conv2d_same(hidden, np_kernel(head), 1) + head.b.numpy()
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: WNConv2D(8, conv_dtype="bfloat16"),
+    lambda: ARMultiConv(8, [8], [8, 8], conv_dtype="bfloat16"),
+], ids=["WNConv2D", "ARMultiConv"])
+def test_bfloat16_layers_take_bfloat16_inputs_without_a_float32_round_trip(make_layer):
+    # Keras casts a layer's floating inputs to its float32 compute dtype unless told not to; that would
+    # keep a float32 and a bfloat16 copy of each activation in a mixed-precision step.
+    layer = make_layer()
+    x = tf.random.normal([2, 4, 4, 8])
+    args = (x, x) if isinstance(layer, ARMultiConv) else (x,)
+    layer(*args)  # builds the float32 variables
+    bf16 = [tf.TensorSpec(a.shape, tf.bfloat16) for a in args]
+    graph = tf.function(lambda *a: layer(*a)).get_concrete_function(*bf16).graph
+    up_casts = [op.name for op in graph.get_operations()
+                if op.type == "Cast" and op.get_attr("SrcT") == tf.bfloat16 and op.get_attr("DstT") == tf.float32]
+    assert up_casts == []
+    outputs = tf.nest.flatten(graph.structured_outputs)
+    assert outputs and all(t.dtype == tf.bfloat16 for t in outputs)
