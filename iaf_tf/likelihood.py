@@ -23,7 +23,7 @@ class Evaluator:
 
     def __init__(self, model, jit_compile=False):
         self.model = model
-        self._log_weights = tf.function(self._log_weights_fn, jit_compile=jit_compile)
+        self._log_weights = tf.function(self._log_weights_fn, jit_compile=jit_compile, autograph=False)  # see Trainer
 
     def _log_weights_fn(self, images, seed, samples):
         out = self.model(images, seed, k=samples)

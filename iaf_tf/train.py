@@ -70,9 +70,11 @@ class Trainer(TrainState):
         self.num_replicas = self.strategy.num_replicas_in_sync
         with self.strategy.scope():
             super().__init__(config)
-        # One name for the step: the method, compiled (with XLA only on one replica).
+        # One name for the step: the method, compiled (with XLA only on one replica). No AutoGraph: the step
+        # has no tensor-dependent Python control flow, and AutoGraph's cache of converted functions once
+        # handed a test the conversion of another (freed) function object.
         self.train_step = tf.function(self.train_step, jit_compile=config.runtime.jit_compile
-                                      and self.num_replicas == 1)
+                                      and self.num_replicas == 1, autograph=False)
 
     def train_step(self, batch):
         """One step on a distributed batch; returns (metrics averaged over replicas, whether applied)."""
