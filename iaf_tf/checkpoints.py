@@ -72,16 +72,21 @@ def find_all(folder):
     return sorted(steps, key=lambda prefix: -steps[prefix])
 
 
-def _named_by_state_file(folder):
-    """The checkpoint the folder's `checkpoint` state file names, if that exists here; an absolute path
-    from the machine that wrote it is looked up by its name in this folder."""
+def named_in_state_file(folder):
+    """What the folder's `checkpoint` state file names as the latest (as written), or None."""
     state = os.path.join(folder, "checkpoint")
     if not os.path.isfile(state):
         return None
     match = re.search(r'^model_checkpoint_path:\s*"(.*)"', open(state, errors="replace").read(), re.M)
-    if not match:
+    return match.group(1) if match else None
+
+
+def _named_by_state_file(folder):
+    """The checkpoint the folder's `checkpoint` state file names, if that exists here; an absolute path
+    from the machine that wrote it is looked up by its name in this folder."""
+    name = named_in_state_file(folder)
+    if name is None:
         return None
-    name = match.group(1)
     for prefix in (os.path.join(folder, name), os.path.join(folder, os.path.basename(name))):
         if _exists(prefix):
             return prefix

@@ -271,9 +271,8 @@ def _check_start(train_dir, start_from):
 def _restore_newest_readable(trainer, train_dir, existing, say):
     """Restore the newest checkpoint that reads; say which newer ones did not, and where the state file
     disagrees with the files. Returns the prefix restored."""
-    named = checkpoints.candidates(train_dir)[0]
-    if os.path.basename(named) != os.path.basename(existing[0]) or not os.path.isfile(
-            os.path.join(train_dir, "checkpoint")):
+    named = checkpoints.named_in_state_file(train_dir)
+    if named is None or os.path.basename(named) != os.path.basename(existing[0]):
         say(f"warning: the 'checkpoint' state file of {train_dir} is missing or does not name the newest "
             f"checkpoint; trusting the files: {os.path.basename(existing[0])} is the newest")
     failures = []
