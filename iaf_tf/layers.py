@@ -158,6 +158,21 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
     return conv(x, v, g, b, *((residual,) if has_residual else ()))
 
 
+def _elu_of_shared(x, after):
+    """elu(x), as an op with a control input from `after` (any tensor that x does not depend on).
+
+    Grappler's remapper (TF 2.21, oneDNN CPU build) fuses Conv2D + BiasAdd + Add + Elu into one
+    _FusedConv2D without checking that the Add has no other consumer, and deletes the Add: when x is a
+    residual stream (a fused residual sum that the next residual sum or a resize reads too), that leaves
+    those consumers without an input, the pass fails ("remapper failed: ... fanout ... exist for missing
+    node .../add") and none of its rewrites of the graph are kept. The remapper leaves an activation that
+    has control inputs alone, so the Add is fused into the conv alone (Conv2D + BiasAdd + Add) and the ELU
+    runs on its own. The value is elu(x) exactly.
+    """
+    with tf.control_dependencies([after]):
+        return tf.nn.elu(x)
+
+
 @keras.saving.register_keras_serializable(package="iaf_tf")
 class WNConv2D(keras.layers.Layer):
     """Weight-normalized 2-D convolution (or transposed convolution) with data-dependent init.
@@ -233,16 +248,20 @@ class WNConv2D(keras.layers.Layer):
         return _wn_kernel(tf.convert_to_tensor(self.V), tf.convert_to_tensor(self.g), self._mask, gain,
                           self.transpose)[0]
 
-    def call(self, x, init=False, residual=None, gain=1.0):
+    def call(self, x, init=False, residual=None, gain=1.0, elu_input=False):
         """conv(x) + b in `conv_dtype`; with `residual`: residual + gain * (conv(x) + b) in the residual's
-        dtype, the constant gain folded into kernel and bias so that the sum is one fused op."""
+        dtype, the constant gain folded into kernel and bias so that the sum is one fused op. With
+        `elu_input`, conv(elu(x)) (the ELU in `conv_dtype`), for an x that other ops read as well."""
+        v, g, b = (tf.convert_to_tensor(w) for w in (self.V, self.g, self.b))
+        if elu_input:
+            x = _elu_of_shared(tf.cast(x, self.conv_dtype), b)
         if init:
             out = self._data_dependent_init(x)
             if residual is None:
                 return out
             return residual + (gain * out if gain != 1.0 else tf.cast(out, residual.dtype))
-        return _wn_conv2d(tf.cast(x, self.conv_dtype), tf.convert_to_tensor(self.V), tf.convert_to_tensor(self.g),
-                          tf.convert_to_tensor(self.b), residual, self._mask, self.strides, gain, self.transpose)
+        return _wn_conv2d(tf.cast(x, self.conv_dtype), v, g, b, residual, self._mask, self.strides, gain,
+                          self.transpose)
 
     def _data_dependent_init(self, x):
         """Standardize the output on this batch to `init_scale` and store the matching g and b.

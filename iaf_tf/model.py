@@ -107,9 +107,6 @@ class IAFBlock(keras.layers.Layer):
         from iaf_tf.config import ModelConfig
         return cls(**dict(config, model_config=ModelConfig(**config["model_config"])))
 
-    def _elu(self, x):
-        return tf.nn.elu(tf.cast(x, self.conv_dtype))
-
     def _float32(self, *tensors):
         return [tf.cast(t, tf.float32) for t in tensors]
 
@@ -128,7 +125,7 @@ class IAFBlock(keras.layers.Layer):
         """Returns (output, stats for `down`): (qz_mean, qz_logsd, context) for down_* posteriors,
         (z, log q(z), qz_mean, qz_logsd) for up_* ones, which need `noise`."""
         h, z_size = self.h_size, self.z_size
-        out = self.up_conv1(self._elu(x), init=init)
+        out = self.up_conv1(x, init=init, elu_input=True)
         qz_mean, qz_logsd, context, hidden = tf.split(out, [z_size, z_size, self.context_size, h], axis=-1)
         qz_mean, qz_logsd = self._float32(qz_mean, qz_logsd)
         if self.bottom_up:
@@ -149,7 +146,7 @@ class IAFBlock(keras.layers.Layer):
         """Returns (output, KL map log q(z|x) - log p(z) [n, h, w, z], (mean, log-scale) of the posterior's
         Gaussian, before its IAF step); the last two are None when sampling."""
         h, z_size = self.h_size, self.z_size
-        out = self.down_conv1(self._elu(x), init=init)
+        out = self.down_conv1(x, init=init, elu_input=True)
         if self.bottom_up:
             pz_mean, pz_logsd, h_det = tf.split(out, [z_size, z_size, h], axis=-1)
         else:
@@ -261,10 +258,8 @@ class CVAE(keras.Model):
         self.build_for(config["batch_size"])
 
     def _noise(self, seed, index, shape, temperature=1.0):
-        # Philox named explicitly: the default picks another algorithm under XLA, so jit and non-jit steps
-        # would draw different noise.
-        noise = tf.random.stateless_normal(shape, seed=tf.random.experimental.stateless_fold_in(seed, index),
-                                           alg="philox")
+        # The same noise with and without XLA (see distributions.stateless_normal).
+        noise = dist.stateless_normal(shape, dist.fold_in(seed, index))
         return noise * temperature  # exact for 1.0; a tensor temperature for the exported sampler
 
     def _top(self, n):
@@ -293,7 +288,7 @@ class CVAE(keras.Model):
         "kl": [n*k] their sum (the KL cost), "posterior": per layer the (mean, log-scale) of q(z|x)'s
         Gaussian before its IAF step [n*k, h, w, z_size]}."""
         if self.bernoulli:
-            images = dist.binarize(images, tf.random.experimental.stateless_fold_in(seed, BINARIZE_STREAM))
+            images = dist.binarize(images, dist.fold_in(seed, BINARIZE_STREAM))
         x = input_to_unit_range(images)
         if k > 1:
             x = tf.repeat(x, k, axis=0)

@@ -3,6 +3,9 @@ multi-level models (depths), the Theano system's posterior variants and IAF dept
 autoregressive Jacobian of the IAF step), the Bernoulli likelihood of dataset=mnist, and Keras serialization."""
 
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -15,7 +18,7 @@ from iaf_tf.checkpoints import named_variables
 from iaf_tf.config import Config, load_preset
 from iaf_tf.model import (BINARIZE_STREAM, IAF_SCALE, count_trainable_parameters, input_to_unit_range,
                           resize_nearest, to_uint8_images)
-from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, grey_images,
+from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, grey_images,
                             make_model, random_images, raster_allowed, run_model, seed, tiny_config)
 
 
@@ -469,3 +472,28 @@ def test_iaf_block_config_round_trips():
     again = type(block).from_config(block.get_config())
     assert (again.model_config, again.downsample, again.conv_dtype, again.flow, again.bottom_up) == \
         (block.model_config, True, tf.float32, "iaf1_nl", True)
+
+
+# ---------------------------------------------------------------- graph optimization
+
+# A training step traced and run in a fresh interpreter with TensorFlow's C++ log on, where Grappler reports
+# an optimizer pass that failed (its rewrites of the whole graph are then dropped).
+_TRACE_STEP = """
+import numpy as np, tensorflow as tf
+from iaf_tf import config, train
+trainer = train.Trainer(config.resolve(hpconfig={hpconfig!r}))
+images = np.random.default_rng(0).integers(0, 256, size=[4, 32, 32, 3]).astype(np.uint8)
+trainer.initialize(images)
+print(float(trainer.train_step(tf.constant(images))[0]["objective"]))
+"""
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_grappler_remapper_succeeds_on_the_training_step(precision):
+    hpconfig = TWO_BLOCKS_PER_LEVEL + (",mixed_precision=True" if precision == "bfloat16" else "")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", _TRACE_STEP.format(hpconfig=hpconfig)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    failures = [line for line in done.stderr.splitlines() if "remapper failed" in line]
+    assert not failures, "\n".join(failures)
