@@ -66,5 +66,42 @@ def binarize(images, seed):
     """uint8 0/255 images with each pixel on with probability pixel / 255, drawn statelessly from `seed`
     (a [2] int tensor): the Bernoulli likelihood's inputs. 0/255 images come back unchanged whatever the seed."""
     images = tf.convert_to_tensor(images)
-    on = tf.random.stateless_uniform(tf.shape(images), seed) < tf.cast(images, tf.float32) / 255.0
+    on = stateless_uniform(tf.shape(images), seed) < tf.cast(images, tf.float32) / 255.0
     return tf.cast(on, tf.uint8) * 255
+
+
+# Noise. TensorFlow's and XLA's stateless Philox kernels draw the same 32-bit words from a seed (with
+# entries in [0, 2**32)) but turn them into floats differently, so a jit-compiled step would see other noise than a plain one. These two
+# functions make the floats from the words with ordinary ops, the way TensorFlow's CPU kernels do
+# (tf.random.stateless_uniform / stateless_normal with alg="philox"): the same numbers as those kernels,
+# to float rounding in log/sin/cos, with and without XLA.
+
+def _philox_words(shape, seed, dtype=tf.uint32):
+    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)
+    return tf.raw_ops.StatelessRandomUniformFullIntV2(shape=shape, key=key, counter=counter, alg=1, dtype=dtype)
+
+
+def fold_in(seed, data):
+    """A new int64 seed from `seed` and a non-negative integer `data`. Its entries are kept in [0, 2**32):
+    XLA makes the Philox key from the low 32 bits of each seed entry, TensorFlow from all 64."""
+    return tf.stack([tf.cast(_philox_words([], seed), tf.int64), tf.cast(data, tf.int64)])
+
+
+def _unit_floats(words):
+    """[0, 1) from the 23 low bits of each word, as a float in [1, 2) minus 1."""
+    return tf.bitcast(tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(words, 0x7FFFFF), 0x3F800000), tf.float32) - 1.0
+
+
+def stateless_uniform(shape, seed):
+    """Uniform [0, 1) float32 noise of `shape` from `seed` ([2] int tensor)."""
+    return _unit_floats(_philox_words(shape, seed))
+
+
+def stateless_normal(shape, seed):
+    """Standard normal float32 noise of `shape` from `seed`: Box-Muller on consecutive pairs of words."""
+    size = tf.reduce_prod(tf.cast(shape, tf.int32))
+    pairs = _unit_floats(_philox_words(tf.stack([(size + 1) // 2, 2]), seed))
+    radius = tf.sqrt(-2.0 * tf.math.log(tf.maximum(pairs[:, 0], 1e-7)))
+    angle = (2.0 * math.pi) * pairs[:, 1]
+    normals = tf.reshape(tf.stack([radius * tf.sin(angle), radius * tf.cos(angle)], axis=1), [-1])
+    return tf.reshape(normals[:size], shape)

@@ -1,5 +1,5 @@
 """Densities and bounds against TFP and float64 NumPy versions of the original's formulas
-(openai/iaf tf_utils/distributions.py)."""
+(openai/iaf tf_utils/dist.py)."""
 
 import math
 
@@ -40,7 +40,7 @@ def test_gaussian_log_density_matches_tfp():
     log_std = rng.uniform(-3, 2, size=shape).astype(np.float32)
     sample = (mean + rng.normal(size=shape) * 3).astype(np.float32)
     got = dist.gaussian_log_density(sample, mean, log_std).numpy()
-    want = tfp.distributions.Normal(mean, tf.exp(log_std)).log_prob(sample).numpy()
+    want = tfp.dist.Normal(mean, tf.exp(log_std)).log_prob(sample).numpy()
     assert got.shape == tuple(shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -199,3 +199,34 @@ def test_bits_per_dim_formula():
     # One image whose nll is 3072 * ln 2 nats is exactly one bit per dimension.
     assert dist.bits_per_dim(3072 * math.log(2.0), 1, 3072) == pytest.approx(1.0, rel=1e-12)
     assert dist.bits_per_dim(tf.constant(2 * 784 * math.log(2.0), tf.float64), 2, 784).numpy() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- noise, the same with and without XLA
+
+@pytest.mark.parametrize("shape", [[7, 5], [2, 4, 4, 3], [1]])
+def test_noise_is_tensorflows_philox_noise_and_the_same_under_xla(shape):
+    seed = tf.constant([3, 2**32 - 5], tf.int64)
+    normal = dist.stateless_normal(shape, seed)
+    np.testing.assert_allclose(normal, tf.random.stateless_normal(shape, seed, alg="philox"), atol=3e-6)
+    np.testing.assert_allclose(tf.function(dist.stateless_normal, jit_compile=True)(shape, seed), normal,
+                               atol=1e-6)
+    uniform = dist.stateless_uniform(shape, seed)
+    np.testing.assert_array_equal(uniform, tf.random.stateless_uniform(shape, seed, alg="philox"))
+    np.testing.assert_array_equal(tf.function(dist.stateless_uniform, jit_compile=True)(shape, seed), uniform)
+    # XLA's own float conversion differs: the reason for these functions.
+    assert not np.allclose(tf.function(lambda s: tf.random.stateless_normal(shape, s, alg="philox"),
+                                       jit_compile=True)(seed), normal, atol=1e-3) or shape == [1]
+
+
+def test_folded_in_seeds_stay_in_32_bits_and_agree_under_xla():
+    folded = tf.function(dist.fold_in)
+    folded_xla = tf.function(dist.fold_in, jit_compile=True)
+    firsts = set()
+    for seed in ([0, 0], [3, 1], [2**32 - 1, 7], [5, 123456]):
+        seed = tf.constant(seed, tf.int64)
+        for data in (0, 1, 41):
+            value = folded(seed, data).numpy()
+            assert 0 <= value[0] < 2**32 and value[1] == data
+            np.testing.assert_array_equal(folded_xla(seed, data), value)
+            firsts.add(int(value[0]))
+    assert len(firsts) == 4  # every seed gives its own stream (and data tells the folded streams apart)
