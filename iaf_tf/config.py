@@ -142,6 +142,9 @@ class TrainingConfig:
     summary_every: int = flag(20, "Steps between TensorBoard summaries and console lines.", positive)
     image_every: int = flag(1000, "Steps between samples and reconstructions of the moving-average weights "
                                   "(TensorBoard images and PNGs in <logdir>/train; 0 = none).", non_negative)
+    steps_per_loop: int = flag(1, "Training steps per call from the host, which waits for the device once a "
+                                  "call (a call also ends where a summary, checkpoint or picture is due).",
+                               positive)
     max_skips: int = hparam(10, "Stop after this many consecutive steps with a non-finite loss or gradient "
                                 "(each is skipped).", positive)
     max_to_keep: int = setting(5, "Checkpoints kept in <logdir>/train.", positive)

@@ -8,7 +8,7 @@ import contextlib
 
 import tensorflow as tf
 
-from iaf_tf.variables import Untracked, tf_variable
+from iaf_tf.variables import Untracked, local_copies, tf_variable
 
 
 class WeightAverages(tf.Module):
@@ -36,15 +36,11 @@ class WeightAverages(tf.Module):
     def update(self):
         """Call in cross-replica context (or without a strategy): each device's copy of a shadow moves
         towards the same device's copy of its weight, so no cross-device traffic."""
-        rate = 1.0 - self.decay
-        for shadow, var in zip(self.shadows, self._weights.value):
-            if not isinstance(shadow, tf.distribute.DistributedValues):
-                # One small function call per variable keeps the training step's graph small.
-                _move_towards(shadow, tf_variable(var), rate)
-                continue
-            for shadow_copy, var_copy in zip(_copies(shadow), _copies(tf_variable(var))):
-                with tf.device(shadow_copy.device):
-                    _move_towards_fn(shadow_copy, var_copy, rate)
+        shadows = [local_copies(s) for s in self.shadows]
+        weights = [local_copies(tf_variable(v)) for v in self._weights.value]
+        for device in range(len(shadows[0])):
+            with tf.device(shadows[0][device].device):
+                move_towards([s[device] for s in shadows], [w[device] for w in weights], 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self):
@@ -62,16 +58,10 @@ class WeightAverages(tf.Module):
             var.assign(tf.convert_to_tensor(shadow))
 
 
-def _move_towards_fn(shadow, variable, rate):
-    shadow.assign_sub(rate * (shadow - tf.cast(variable, shadow.dtype)))
-
-
-_move_towards = tf.function(_move_towards_fn, reduce_retracing=True, experimental_attributes={"_noinline": True})
-
-
-def _copies(variable):
-    """Per-device components of a mirrored variable, or the variable itself."""
-    return list(variable.values) if isinstance(variable, tf.distribute.DistributedValues) else [variable]
+def move_towards(shadows, weights, rate):
+    """The original's update of many averages (plain tf.Variables on one device)."""
+    for shadow, weight in zip(shadows, weights):
+        shadow.assign_sub(rate * (shadow - tf.cast(weight, shadow.dtype)))
 
 
 def _short_name(variable):

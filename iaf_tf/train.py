@@ -1,8 +1,9 @@
-"""Training: the objective (`loss_fn`), one step (`Trainer.train_step`) and the loop (`train`).
+"""Training: the objective (`loss_fn`), one step (`Trainer.train_step`), many steps in one host call
+(`Trainer.train_loop`) and the loop (`train`).
 
 A step is: per-replica loss and gradients -> one MEAN all-reduce (the original's tower averaging) ->
-skip the update if anything is non-finite -> the moving averages (of the weights before this update,
-as the original's) -> Adamax.
+on every device, skip the update if anything is non-finite, else the moving averages (of the weights
+before this update, as the original's) and Adamax.
 """
 
 import contextlib
@@ -16,7 +17,7 @@ import time
 
 import tensorflow as tf
 
-from iaf_tf import api, checkpoints, datasets, files
+from iaf_tf import api, checkpoints, datasets, ema, files, optim
 from iaf_tf import images as images_lib
 from iaf_tf import config as cfg_lib
 from iaf_tf import data as data_lib
@@ -25,6 +26,7 @@ from iaf_tf.checkpoints import TrainState
 from iaf_tf.devices import replica_devices
 from iaf_tf.errors import CheckpointError, ConfigError, NonFiniteError
 from iaf_tf.model import count_trainable_parameters
+from iaf_tf.variables import local_copies, tf_variable
 
 
 PICTURES, PICTURE_SCALE = 36, 4  # images per grid (half of them inputs, for reconstructions); enlargement
@@ -63,60 +65,126 @@ def loss_fn(model, images, seed, objective):
 
 
 class Trainer(TrainState):
-    """A TrainState under a strategy, with the compiled training step."""
+    """A TrainState under a strategy, with the compiled training step and loop.
+
+    A step is three parts: each replica's loss and gradients (`_gradients`, compiled with XLA when
+    jit_compile is on), one MEAN all-reduce of gradients and summaries across replicas, and on every
+    device copy of the state the update (`_update`: finiteness check, moving averages, Adamax), always
+    compiled with XLA: it is hundreds of small element-wise ops per variable, which XLA fuses into one
+    loop each. Keeping the all-reduce between two compiled functions is what lets jit_compile work under
+    MirroredStrategy and MultiWorkerMirroredStrategy.
+    """
 
     def __init__(self, config, strategy=None):
         self.strategy = strategy or make_strategy(config.runtime)
         self.num_replicas = self.strategy.num_replicas_in_sync
         with self.strategy.scope():
             super().__init__(config)
-        # One name for the step: the method, compiled (with XLA only on one replica). No AutoGraph: the step
-        # has no tensor-dependent Python control flow, and AutoGraph's cache of converted functions once
-        # handed a test the conversion of another (freed) function object.
-        self.train_step = tf.function(self.train_step, jit_compile=config.runtime.jit_compile
-                                      and self.num_replicas == 1, autograph=False)
+        # The variables that get gradients: set when the gradient function is first traced. The top
+        # block's last up-pass conv does not reach the loss; it gets no update, as in TF1.
+        self._updated = None
+        # No AutoGraph anywhere: nothing here has tensor-dependent Python control flow, and AutoGraph's
+        # cache of converted functions once handed a test the conversion of another (freed) function.
+        compiled = dict(autograph=False)
+        self._gradients = tf.function(self._gradients, jit_compile=config.runtime.jit_compile, **compiled)
+        self._update = tf.function(self._update, jit_compile=True, **compiled)
+        self.train_step = tf.function(self.train_step, **compiled)
+        self.train_loop = tf.function(self.train_loop, **compiled)
 
     def train_step(self, batch):
         """One step on a distributed batch; returns (metrics averaged over replicas, whether applied)."""
-        grads, metrics = self.strategy.run(self._gradients, args=(batch, self.step.read_value()))
-        # Weights the loss does not reach (the top block's last up-pass conv) get no update, as in TF1.
-        pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
-        variables = [v for _, v in pairs]
-        grads = self.strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN, [(g, v.value) for g, v in pairs])
-        metrics = {name: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-                   for name, value in metrics.items()}
-        # One check over all gradients: their global norm is finite exactly when every gradient is (short of
-        # float32 overflow of the squares, far beyond any usable update).
-        norm = tf.linalg.global_norm(grads)
-        usable = tf.logical_and(tf.math.is_finite(metrics["objective"]), tf.math.is_finite(norm))
-        threshold = self.config.optimization.skip_threshold
-        if threshold > 0:
-            usable = tf.logical_and(usable, norm < threshold)
-        applied = tf.cond(usable, lambda: self._apply(grads, variables, norm), self._skip)
+        step = self.step.read_value()
+        grads, metrics = self.strategy.run(self._replica_gradients, args=(batch, step))
+        grads, metrics = self._all_reduce(grads, metrics)
+        applied = self._update_every_copy(grads, metrics["objective"])
         self.step.assign_add(1)
+        self.skipped.assign_add(1 - tf.cast(applied, tf.int64))
         return metrics, applied
 
-    def _gradients(self, images, step):
+    def train_loop(self, batches, num_steps, max_streak):
+        """Up to `num_steps` steps from the distributed iterator `batches` in one call from the host,
+        stopping early once `max_streak` steps in a row were skipped. Returns the last step's metrics and
+        whether each step that ran was applied."""
+        metrics, applied = self.train_step(next(batches))
+        streak = tf.where(applied, 0, 1)
+        flags = tf.TensorArray(tf.bool, size=0, dynamic_size=True).write(0, applied)
+
+        def more(done, streak, *_):
+            return tf.logical_and(done < num_steps, streak < max_streak)
+
+        def another(done, streak, flags, _):
+            metrics, applied = self.train_step(next(batches))
+            return done + 1, tf.where(applied, 0, streak + 1), flags.write(done, applied), metrics
+
+        _, _, flags, metrics = tf.while_loop(more, another, (tf.constant(1), streak, flags, metrics))
+        return metrics, flags.stack()
+
+    def _replica_gradients(self, images, step):
+        # The replica's noise seed is made here, outside the compiled function, which is traced once per
+        # device: a seed made inside it could be one replica's constant.
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = tf.stack([tf.constant(self.config.runtime.seed, tf.int64),
                          step * self.num_replicas + tf.cast(replica, tf.int64)])
+        return self._gradients(images, seed)
+
+    def _gradients(self, images, seed):
         with tf.GradientTape() as tape:
             loss, metrics = loss_fn(self.model, images, seed, self.config.objective)
-        return tape.gradient(loss, self.variables), dict(metrics, objective=loss)
+        grads = tape.gradient(loss, self.variables)
+        self._updated = [i for i, g in enumerate(grads) if g is not None]
+        return [grads[i] for i in self._updated], dict(metrics, objective=loss)
 
-    def _apply(self, grads, variables, norm):
-        clip = self.config.optimization.grad_clip
-        if clip > 0:
-            grads, _ = tf.clip_by_global_norm([tf.convert_to_tensor(g) for g in grads], clip, use_norm=norm)
-        # The averages move towards the weights before this update, as the original's (its EMA op reads the
-        # variables in the same step as Adamax writes them, and TF1 runs the read first).
-        self.averages.update()
-        self.optimizer.apply(grads, variables)
-        return tf.constant(True)
+    def _all_reduce(self, grads, metrics):
+        """The mean over replicas of gradients and summaries, in one batch (the original's tower averaging)."""
+        names = sorted(metrics)
+        values = list(grads) + [metrics[name] for name in names]
+        destinations = [tf_variable(self.variables[i]) for i in self._updated] + [metrics[name] for name in names]
+        reduced = self.strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN, list(zip(values, destinations)))
+        grads = reduced[:len(grads)]
+        metrics = {name: local_copies(value)[0] for name, value in zip(names, reduced[len(grads):])}
+        return grads, metrics
 
-    def _skip(self):
-        self.skipped.assign_add(1)
-        return tf.constant(False)
+    def _update_every_copy(self, grads, objective):
+        """`_update` on each device's copy of the state (mirrored copies stay equal: every device applies
+        the same reduced gradients); returns whether the update was applied."""
+        weights = [tf_variable(self.variables[i]) for i in self._updated]
+        state = [[local_copies(v) for v in group] for group in (
+            weights,
+            [tf_variable(self.optimizer.first_moments[i]) for i in self._updated],
+            [tf_variable(self.optimizer.running_maxes[i]) for i in self._updated],
+            [self.averages.shadow_for(self.variables[i]) for i in self._updated])]
+        grads = [local_copies(g) for g in grads]
+        learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
+        applied = []
+        for device in range(len(grads[0])):
+            with tf.device(state[0][0][device].device):
+                applied.append(self._update([g[device] for g in grads], objective, learning_rate,
+                                            *[[v[device] for v in group] for group in state]))
+        self.optimizer.iterations.assign_add(tf.cast(applied[0], self.optimizer.iterations.dtype))
+        return applied[0]
+
+    def _update(self, grads, objective, learning_rate, weights, first_moments, running_maxes, shadows):
+        """One device's update: skip it if anything is non-finite (or the norm is over skip_threshold);
+        else clip, move the averages towards the weights before this update (as the original's: its EMA op
+        reads the variables in the same step as Adamax writes them, and TF1 runs the read first), Adamax."""
+        opt = self.config.optimization
+        # Their global norm is finite exactly when every gradient is (short of float32 overflow of the
+        # squares, far beyond any usable update): one check for all.
+        norm = tf.linalg.global_norm(grads)
+        usable = tf.logical_and(tf.math.is_finite(objective), tf.math.is_finite(norm))
+        if opt.skip_threshold > 0:
+            usable = tf.logical_and(usable, norm < opt.skip_threshold)
+
+        def apply():
+            clipped = grads
+            if opt.grad_clip > 0:
+                clipped, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
+            ema.move_towards(shadows, weights, 1.0 - opt.ema_decay)
+            optim.adamax_update(clipped, weights, first_moments, running_maxes, learning_rate,
+                                self.optimizer.beta_1, self.optimizer.beta_2, self.optimizer.epsilon)
+            return tf.constant(True)
+
+        return tf.cond(usable, apply, lambda: tf.constant(False))
 
     def initialize(self, images):
         """Data-dependent init on one replica-sized batch, then start the averages there."""
@@ -175,9 +243,10 @@ def replica_batches(strategy, images, batch_size, seed, start_step):
 class StepRecord:
     """What `train` reports after each step to its `on_step` callback."""
     step: int
-    seconds: float      # wall time of this step, data included
+    seconds: float      # wall time of this step, data included (its share of the host call that ran it)
     images: int         # images in this step, all replicas
     applied: bool       # False for a skipped (non-finite) step
+    steps_in_call: int = 1  # steps run by that host call (steps_per_loop, or fewer up to a boundary)
 
 
 @dataclasses.dataclass
@@ -327,35 +396,59 @@ def _step_of(prefix):
 
 
 def _loop(trainer, images, saver, log, on_step):
-    """Steps until max_steps, a signal or too many non-finite steps; returns (status, last metrics)."""
-    config = trainer.config
-    max_steps = config.training.max_steps
-    batches = replica_batches(trainer.strategy, images, config.optimization.batch_size, config.runtime.seed,
-                              int(trainer.step.numpy()))
-    global_batch = config.optimization.batch_size * trainer.num_replicas
+    """Steps until max_steps, a signal or too many non-finite steps; returns (status, last metrics).
+    Each host call runs up to steps_per_loop steps on the device and ends at the next step that logs,
+    saves or writes pictures; the host waits for the device once per call."""
+    training = trainer.config.training
+    step = int(trainer.step.numpy())
+    batches = replica_batches(trainer.strategy, images, trainer.config.optimization.batch_size,
+                              trainer.config.runtime.seed, step)
+    global_batch = trainer.config.optimization.batch_size * trainer.num_replicas
     status, metrics = "max_steps", {}
     with _StopRequest() as stop:
-        while not max_steps or int(trainer.step.numpy()) < max_steps:
+        while not training.max_steps or step < training.max_steps:
             begin = time.time()
-            metrics, applied = trainer.train_step(next(batches))
-            step, applied = int(trainer.step.numpy()), bool(applied)
-            if on_step:
-                on_step(StepRecord(step, time.time() - begin, global_batch, applied))
-            log.step(step, metrics, applied, global_batch)
-            if log.consecutive_skips >= config.training.max_skips:
+            metrics, applied = trainer.train_loop(batches, tf.constant(_steps_to_boundary(step, training, log)),
+                                                  tf.constant(training.max_skips - log.consecutive_skips))
+            applied = applied.numpy()
+            metrics = {name: value.numpy() for name, value in metrics.items()}
+            seconds = (time.time() - begin) / len(applied)
+            for flag in applied:
+                step += 1
+                log.step(step, bool(flag), global_batch)
+                if on_step:
+                    on_step(StepRecord(step, seconds, global_batch, bool(flag), len(applied)))
+            log.report(step, metrics)
+            if log.consecutive_skips >= training.max_skips:
                 status = "non_finite"
                 break
-            if step % config.training.checkpoint_every == 0:
+            if step % training.checkpoint_every == 0:
                 saver.save(step)
             if stop.signal is not None:
                 status = f"signal {signal.Signals(stop.signal).name}"
                 break
-        saver.save_if_unsaved(int(trainer.step.numpy()))
+        saver.save_if_unsaved(step)
     return status, metrics
+
+
+def _steps_to_boundary(step, training, log):
+    """Steps for the next host call: steps_per_loop, cut at the next step that logs, saves, writes pictures
+    or stops; one at a time for the first console lines."""
+    if log.calls_reported < log.FIRST_LINES:
+        return 1
+    count = training.steps_per_loop
+    for every in (training.summary_every, training.checkpoint_every, training.image_every):
+        if every:
+            count = min(count, every - step % every)
+    if training.max_steps:
+        count = min(count, training.max_steps - step)
+    return count
 
 
 class _Log:
     """The console lines and TensorBoard summaries of the training loop."""
+
+    FIRST_LINES = 10  # the first steps of a run are logged one by one
 
     def __init__(self, trainer, train_dir, is_chief, say, pictures):
         self.trainer = trainer
@@ -371,19 +464,25 @@ class _Log:
         self.streak_start = None  # the first step of the current run of skipped steps
         self.skip_reason = "non-finite loss or gradient" + (
             " or gradient norm over skip_threshold" if trainer.config.optimization.skip_threshold else "")
-        self.steps_logged = 0
+        self.skipped = int(trainer.skipped.numpy())
+        self.calls_reported = 0
         self.line_start = self.window_start = time.time()
         self.window_images = 0
 
-    def step(self, step, metrics, applied, images):
+    def step(self, step, applied, images):
+        """After each step: count it, and say so when its update was skipped."""
         self.window_images += images
         self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
         if self.consecutive_skips == 1:
             self.streak_start = step
         if self.consecutive_skips:
+            self.skipped += 1
             self.say(f"Iteration {step}: {self.skip_reason}, update skipped ({self.consecutive_skips} "
-                     f"in a row, {int(self.trainer.skipped.numpy())} in all)")
-        if self.steps_logged < 10 or step % self.summary_every == 0:
+                     f"in a row, {self.skipped} in all)")
+
+    def report(self, step, metrics):
+        """After each host call, with the metrics of its last step."""
+        if self.calls_reported < self.FIRST_LINES or step % self.summary_every == 0:
             score = f"{float(metrics[self.unit]):.2f}" if self.unit == "nats_per_image" \
                 else f"{float(metrics[self.unit]):.4f}"
             self.say(f"Iteration {step}, time = {time.time() - self.line_start:.2f}s, train {self.unit} = {score}, "
@@ -393,7 +492,7 @@ class _Log:
             self._summaries(step, metrics)
         if self.image_every and step % self.image_every == 0 and self.pictures is not None:
             self._write_pictures(step)
-        self.steps_logged += 1
+        self.calls_reported += 1
 
     def _summaries(self, step, metrics):
         elapsed = time.time() - self.window_start
@@ -403,7 +502,7 @@ class _Log:
                     tf.summary.scalar(f"model/{name}", value)
             if elapsed > 0:
                 tf.summary.scalar("images_per_second", self.window_images / elapsed)
-            tf.summary.scalar("train/skipped_steps", self.trainer.skipped)
+            tf.summary.scalar("train/skipped_steps", self.skipped)
         self.writer.flush()
         self.window_start, self.window_images = time.time(), 0
 
