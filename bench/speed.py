@@ -235,6 +235,20 @@ def comparisons(rows):
     return lines
 
 
+def precision_case(rows):
+    """Which kind of CPU this is, from the same-run conv probes: whether bfloat16 (mixed_precision=true)
+    computes faster than float32 here. AMX units make it several times faster; AVX512-BF16 alone, half."""
+    probes = [r["conv_gflops"] for r in rows if "error" not in r and r.get("conv_gflops", {}).get("bfloat16")]
+    if not probes:
+        return []
+    ratio = statistics.median(p["bfloat16"] / p["float32"] for p in probes)
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    amx = "amx_bf16" in flags
+    verdict = ("turn mixed_precision=true on for CPU training here" if ratio > 1.1 else
+               "keep the float32 default for CPU training here")
+    return [f"this CPU: bfloat16 conv at {ratio:.2f}x float32 ({'AMX' if amx else 'no AMX'}): {verdict}"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="readme_recipe,cpu_quick", help="presets, comma-separated")
@@ -307,7 +321,7 @@ def main():
             "\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)"),
             notes=["ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process (wall clock).",
                    "cpu ratio = the same per CPU-second of the process: other processes on the machine "
-                   "affect it less."] + comparisons(results["train"]))
+                   "affect it less."] + comparisons(results["train"]) + precision_case(results["train"]))
     if "loop" in only:
         sweep("loop", plain, add_loop_figures, probe=False)
         harness.print_table(LOOP_COLUMNS, results["loop"], labels=3, title=(
