@@ -177,7 +177,8 @@ class RuntimeConfig:
     seed: int = flag(0, "Seed for initialization, data order and noise.", _seed)
     mixed_precision: bool = hparam(False, "Compute the IAF blocks in bfloat16 (weights, likelihood and "
                                           "optimizer stay float32).")
-    jit_compile: bool = hparam(False, "Compile the training step and evaluation with XLA.")
+    jit_compile: bool = hparam(False, "Compile each replica's forward and backward pass, and evaluation, with XLA "
+                                      "(the weight update is always compiled).")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,
