@@ -77,13 +77,24 @@ class Sizes:
     blocks: int
 
 
+# Settings newer than some checkouts the benchmarks run against: `Library.config` leaves them out where
+# the checkout has no such setting (check `supports` to say so), instead of failing.
+OPTIONAL_SETTINGS = {"steps_per_loop"}
+
+
 class Library:
     """The calls the benchmarks make into iaf_tf (the current API)."""
 
+    def supports(self, setting):
+        """Whether this checkout's config has `setting` (e.g. steps_per_loop, new with train_loop)."""
+        from iaf_tf import config
+        return setting in config.SETTINGS
+
     def config(self, preset, hpconfig="", precision="float32", jit_compile=False, **settings):
         from iaf_tf import config
-        return config.resolve(preset=preset, hpconfig=hpconfig, num_gpus=1,
-                              mixed_precision=precision == "bfloat16", jit_compile=bool(jit_compile), **settings)
+        settings = {k: v for k, v in settings.items() if k not in OPTIONAL_SETTINGS or self.supports(k)}
+        return config.resolve(preset=preset, hpconfig=hpconfig, mixed_precision=precision == "bfloat16",
+                              jit_compile=bool(jit_compile), **{"num_gpus": 1, **settings})
 
     def sizes(self, cfg):
         return Sizes(cfg.optimization.batch_size, cfg.evaluation.eval_batch_size, cfg.data.image_size,
@@ -104,11 +115,28 @@ class Library:
 
     def loop_step_seconds(self, cfg, logdir, max_steps, data_dir):
         """Wall seconds of each step of the real training loop (train.train: data, summaries, checkpoints)."""
+        return [r.seconds for r in self.run_loop(self.loop_config(cfg, logdir, max_steps, data_dir))]
+
+    def loop_config(self, cfg, logdir, max_steps, data_dir):
+        """`cfg` for a benchmark run of train.train: max_steps in logdir, no summaries or checkpoints in
+        between (train.train saves at the start and the end)."""
+        return cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
+                           data_dir=data_dir)
+
+    def run_loop(self, loop_cfg, on_step=None, trainer=None):
+        """train.train with a loop_config; returns its StepRecords (after passing each to on_step). A
+        `trainer` must be made from loop_cfg itself: train.train runs with the trainer's config. Older
+        checkouts' records have no steps_in_call (read it with getattr(record, "steps_in_call", 1))."""
         from iaf_tf import train
         records = []
-        train.train(cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
-                                data_dir=data_dir), on_step=records.append, print_fn=quiet)
-        return [r.seconds for r in records]
+
+        def record(r):
+            records.append(r)
+            if on_step:
+                on_step(r)
+
+        self.result = train.train(loop_cfg, trainer=trainer, on_step=record, print_fn=quiet)
+        return records
 
 
 class PreRedesignLibrary(Library):
@@ -118,10 +146,14 @@ class PreRedesignLibrary(Library):
 
     def config(self, preset, hpconfig="", precision="float32", jit_compile=False, **settings):
         from iaf_tf import hparams
+        settings = {k: v for k, v in settings.items() if k not in OPTIONAL_SETTINGS}
         if settings:
             raise ValueError(f"the pre-redesign API takes no settings {sorted(settings)}")
         return hparams.resolve_hparams(preset, hpconfig).replace(
             num_gpus=1, mixed_precision=precision == "bfloat16", jit_compile=bool(jit_compile))
+
+    def supports(self, setting):
+        return False
 
     def sizes(self, hps):
         return Sizes(hps.batch_size, hps.eval_batch_size, hps.image_size, sum(hps.level_depths))

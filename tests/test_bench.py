@@ -1,0 +1,80 @@
+"""The bench scripts' parts that need no timing: GPU check on a machine without GPUs, HLO kernel counting,
+profiler event classification."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import profile_step  # noqa: E402
+import step_kernels  # noqa: E402
+
+
+def test_gpu_check_without_gpus_says_so_and_exits_0():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no GPU" in lines[0], proc.stdout
+
+
+HLO = """HloModule m, is_scheduled=true
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+%rng (state: u64[3]) -> (u64[3], u32[]) {
+  %state = u64[3]{0} parameter(0)
+  %a = u32[] fusion(%state), kind=kLoop, calls=%fused_computation
+  %b = u64[3]{0} fusion(%state), kind=kLoop, calls=%fused_computation
+  ROOT %t = (u64[3]{0}, u32[]) tuple(%b, %a)
+}
+
+%yes (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %f1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation
+  ROOT %f2 = f32[4]{0} fusion(%f1), kind=kLoop, calls=%fused_computation
+}
+
+%no (p: f32[4]) -> f32[4] {
+  ROOT %p = f32[4]{0} parameter(0)
+}
+
+ENTRY %main (a: f32[4], s: u64[3], c: pred[]) -> (f32[4], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %s = u64[3]{0} parameter(1)
+  %c = pred[] parameter(2)
+  %k = f32[] constant(1)
+  %call = (u64[3]{0}, u32[]) call(%s), to_apply=%rng
+  %conv = f32[4]{0} convolution(%a, %a), dim_labels=b0f_0io->b0f
+  %cp = f32[4]{0} copy(%a)
+  %cond = f32[4]{0} conditional(%c, %a, %a), true_computation=%yes, false_computation=%no
+  %gte = u32[] get-tuple-element(%call), index=1
+  ROOT %out = (f32[4]{0}, f32[4]{0}) tuple(%conv, %cond)
+}
+"""
+
+
+def test_kernel_counts_of_an_hlo_module():
+    computations, entry = step_kernels.hlo_computations(HLO)
+    assert entry == "main"
+    counts = step_kernels.kernel_counts(computations, entry)
+    # the call's two fusions, the conv, the copy, the conditional and its larger branch's two fusions
+    assert dict(counts) == {"fusion": 4, "convolution": 1, "copy": 1, "conditional": 1}
+
+
+def test_profiler_events_executor_ops_and_xla_launches_only():
+    assert profile_step.classify("Call/cvae_1/mul:Mul") == ("Mul", "Call/cvae_1/mul")
+    assert profile_step.classify("CpuExecutable::ExecuteAsyncOnStream")[0] == profile_step.XLA_LAUNCH
+    for annotation in ("ThreadpoolListener::Record", "ThreadpoolListener::StartRegion",
+                       "ThreadpoolListener::StopRegion", "ExecutorState::Process",
+                       "ExecutorState::ProcessAsync::Start", "ExecutorState::ProcessAsync::Done",
+                       "ThunkExecutor::Execute", "end: multiply_reduce_fusion.65", "multiply_reduce_fusion.65",
+                       "EagerLocalExecute: __inference_train_step_14094", "KernelAndDeviceFunc::Run", "train_step"):
+        assert profile_step.classify(annotation) is None, annotation
