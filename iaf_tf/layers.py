@@ -54,34 +54,37 @@ def _wn_kernel(v, g=None, mask=None, gain=1.0, transpose=False):
 
     The norm runs over the first three axes of v; exp(g) scales axis 3 of a conv's [kh, kw, in, out]
     kernel and axis 2 of a transposed conv's [kh, kw, out, in] one (its output channels). Without g
-    (and gain 1) this is the unit direction. The ops are tf.nn.l2_normalize's, floor included.
+    (and gain 1) this is the unit direction. The squared norm is floored as tf.nn.l2_normalize floors it.
+
+    Everything per channel is folded into one small `scale` (gain * exp(g) / ||w||: [out] for a conv,
+    [out, in] for a transposed conv), so the kernel is one multiplication of w: kernel = w * scale.
+    Returns (kernel, (scale, sq_norm, floored)), the last two per axis-3 channel.
     """
     w = v if mask is None else v * mask
-    sq_norm = tf.reduce_sum(tf.square(w), [0, 1, 2], keepdims=True)
-    inv_norm = tf.math.rsqrt(tf.maximum(sq_norm, _L2_EPSILON))
-    scale = None if g is None else tf.reshape(tf.exp(g), [1, 1, -1, 1] if transpose else [1, 1, 1, -1])
+    sq_norm = tf.einsum("hwio,hwio->o", w, w)  # one op, where square and sum are two
+    floored = tf.maximum(sq_norm, _L2_EPSILON)
+    scale = tf.math.rsqrt(floored)
+    if g is not None:
+        scale = (tf.reshape(tf.exp(g), [-1, 1]) if transpose else tf.exp(g)) * scale
     if gain != 1.0:
-        scale = gain if scale is None else scale * gain
-    direction = w * inv_norm
-    kernel = direction if scale is None else scale * direction
-    return kernel, (sq_norm, inv_norm, scale)
+        scale = scale * gain
+    return w * scale, (scale, sq_norm, floored)
 
 
-def _wn_kernel_grad(dk, kernel, v, mask, sq_norm, inv_norm, scale, transpose=False):
-    """(d/dv, d/dg) of `_wn_kernel` given d/dkernel.
+def _wn_kernel_grad(dk, kernel, v, mask, scale, sq_norm, floored, transpose=False):
+    """(d/dv, d/dg) of `_wn_kernel` given d/dkernel, from its per-channel outputs and the kernel.
 
-    With u = scale * dk (the gradient of the direction w r, r = max(|w|^2, eps)^-1/2): d/dw = r u -
-    r^3 <u, w> w, the second term absent where the floor holds; the mask zeroes what it cut (it is 0/1).
-    The kernel is proportional to exp(g), so d/dg is <dk, kernel> per scaled channel.
+    With r = max(|w|^2, eps)^-1/2 and s = scale: d/dw = s dk - r^2 <dk, kernel> w, the sum over the norm's
+    axes and the second term absent where the floor holds. The mask zeroes what it cut (it is 0/1, so
+    mask * w = mask * v). The kernel is proportional to exp(g), so d/dg is <dk, kernel> per scaled channel:
+    the same sum for a conv, the sum over the other axes for a transposed conv.
     """
-    w = v if mask is None else v * mask
-    u = dk * scale
-    dot = tf.reduce_sum(u * w, [0, 1, 2], keepdims=True)
-    norm_term = tf.where(sq_norm > _L2_EPSILON, -tf.square(inv_norm) * inv_norm * dot, tf.zeros_like(dot))
-    dv = u * inv_norm + w * norm_term
+    dot = tf.einsum("hwio,hwio->o", dk, kernel)
+    dg = tf.einsum("hwoi,hwoi->o", dk, kernel) if transpose else dot
+    coefficient = tf.where(sq_norm > _L2_EPSILON, dot / floored, 0.0)
+    dv = scale * dk - coefficient * v
     if mask is not None:
         dv = dv * mask
-    dg = tf.reduce_sum(dk * kernel, [0, 1, 3] if transpose else [0, 1, 2])
     return dv, dg
 
 
@@ -99,22 +102,29 @@ def _after(dy, v):
 
     Without this data dependency the graph optimizers (Grappler's common-subexpression pass, XLA's CSE)
     merge the backward pass's kernel recomputation with the forward one, and the forward's kernel and
-    masked copies stay alive until the backward pass after all. The added term is 0 for finite dy
-    (NaN otherwise, when the gradient is NaN anyway); TF's recompute_grad guards the same way.
+    masked copies stay alive until the backward pass after all. The added term, first - first for one
+    element of dy, is 0 for finite dy (NaN otherwise, when the gradient is NaN anyway); TF's
+    recompute_grad guards the same way.
     """
-    first = tf.reduce_sum(tf.cast(tf.reshape(dy, [-1])[:1], v.dtype))
-    return v + tf.where(tf.equal(first, first), tf.zeros([], v.dtype), tf.constant(float("nan"), v.dtype))
+    first = tf.cast(dy[(0,) * dy.shape.rank], v.dtype)
+    return v + (first - first)
+
+
+def _static_shape(x):
+    """x's shape as a list when it is fully known (no Shape op to run), else the tensor."""
+    return x.shape.as_list() if x.shape.is_fully_defined() else tf.shape(x)
 
 
 def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
     """[residual +] conv(x, gain * weight-normed kernel) + gain * b, 'SAME' padding, computed in x.dtype;
     conv is conv2d, or conv2d_transpose with `transpose`.
 
-    The gradient is written out so that the backward pass recomputes the kernel from v and g (a few
-    passes over the weights) instead of keeping every layer's kernel alive from the forward pass, and
-    the masked and normalized copies that autodiff would keep as well: for the README recipe that is
-    160 MB per copy. The forward ops are those of the autodiff version (Conv2D or Conv2DBackpropInput,
-    BiasAdd, AddV2, which oneDNN fuses for the conv) and so are the backward convolutions.
+    The gradient is written out so that the backward pass recomputes the kernel from v and the forward's
+    per-channel scale (a pass or two over the weights) instead of keeping every layer's kernel alive from the
+    forward pass, and the masked and normalized copies that autodiff would keep as well: for the README
+    recipe that is 160 MB per copy. The forward ops are those of the autodiff version (Conv2D or
+    Conv2DBackpropInput, BiasAdd, AddV2, which oneDNN fuses for the conv) and so are the backward
+    convolutions.
     """
     strides = [1, *strides, 1]
     has_residual = residual is not None
@@ -125,32 +135,35 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
         # Unwatched: an eager tape would otherwise record the ops below and keep the kernel and its
         # intermediates alive until the backward pass, although the gradient comes from grad().
         x, v, g, b, *rest = (tf.stop_gradient(t) for t in (x, v, g, b, *rest))
-        kernel, _ = _wn_kernel(v, g, mask, gain, transpose)
+        kernel, (scale, sq_norm, floored) = _wn_kernel(v, g, mask, gain, transpose)
         out = _conv(x, kernel, strides, transpose, filters)
         out = tf.nn.bias_add(out, tf.cast(b * gain if gain != 1.0 else b, x.dtype))
         if has_residual:
             out = rest[0] + tf.cast(out, rest[0].dtype)
 
         def grad(dy):
-            v_now = _after(dy, v)
-            kernel, saved = _wn_kernel(v_now, g, mask, gain, transpose)
+            # The per-channel numbers are the forward's (a few floats each); the kernel, as large as v, is
+            # computed again, from a scale that depends on dy (the same numbers: the mask is 0/1).
+            scale_now = _after(dy, scale)
+            kernel = v * scale_now if mask is None else v * scale_now * mask
             dy_conv = tf.cast(dy, x.dtype)
             kernel_conv = tf.cast(kernel, x.dtype)
+            kernel_shape = v.shape.as_list()
             if transpose:
                 # conv2d_transpose(x, K) is the input gradient of conv2d(., K): the gradients swap roles.
                 dx = tf.nn.conv2d(dy_conv, kernel_conv, strides=strides, padding="SAME")
-                dk = tf.raw_ops.Conv2DBackpropFilter(input=dy_conv, filter_sizes=tf.shape(kernel), out_backprop=x,
+                dk = tf.raw_ops.Conv2DBackpropFilter(input=dy_conv, filter_sizes=kernel_shape, out_backprop=x,
                                                      strides=strides, padding="SAME")
             else:
-                dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel_conv,
+                dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=_static_shape(x), filter=kernel_conv,
                                                     out_backprop=dy_conv, strides=strides, padding="SAME")
-                dk = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy_conv,
+                dk = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=kernel_shape, out_backprop=dy_conv,
                                                      strides=strides, padding="SAME")
             # In float32 even when the conv is bfloat16: a bfloat16 sum over batch and positions is too coarse.
             db = tf.raw_ops.BiasAddGrad(out_backprop=tf.cast(dy, b.dtype))
             if gain != 1.0:
                 db = db * gain
-            dv, dg = _wn_kernel_grad(tf.cast(dk, v.dtype), kernel, v_now, mask, *saved, transpose)
+            dv, dg = _wn_kernel_grad(tf.cast(dk, v.dtype), kernel, v, mask, scale_now, sq_norm, floored, transpose)
             return (dx, dv, dg, db) + ((dy,) if has_residual else ())
 
         return out, grad
