@@ -380,8 +380,9 @@ def main():
                 if "error" not in r:
                     add_figures(r, flops.get("training_flops_per_image"))
                 rows.append(r)
-                print(f"  {config} {code} jit {r['jit']}: {time.time() - begin:.0f} s "
-                      f"{r.get('error', '')}", file=sys.stderr)
+                # The row so far, should the run be cut short.
+                print(f"  {config} {code} jit {r['jit']}: {time.time() - begin:.0f} s " + (r.get("error") or json.dumps(
+                    {c.header.replace(chr(10), " "): c.cell(r) for c in COLUMNS[3:]})), file=sys.stderr)
     notes = [
         "ops/step: executor ops per train_step call (profiled), an XLA launch counted as one. XLA kernels: "
         "top-level kernels of the compiled programs of one step (CPU backend's HLO).",
