@@ -83,6 +83,7 @@ class Trainer(TrainState):
         # The variables that get gradients: set when the gradient function is first traced. The top
         # block's last up-pass conv does not reach the loss; it gets no update, as in TF1.
         self._updated = None
+        self.metric_names = None  # the order of train_loop's metrics vector, set when it is traced
         # No AutoGraph anywhere: nothing here has tensor-dependent Python control flow, and AutoGraph's
         # cache of converted functions once handed a test the conversion of another (freed) function.
         compiled = dict(autograph=False)
@@ -101,23 +102,25 @@ class Trainer(TrainState):
         self.skipped.assign_add(1 - tf.cast(applied, tf.int64))
         return metrics, applied
 
-    def train_loop(self, batches, num_steps, max_streak):
-        """Up to `num_steps` steps from the distributed iterator `batches` in one call from the host,
-        stopping early once `max_streak` steps in a row were skipped. Returns the last step's metrics and
-        whether each step that ran was applied."""
+    def train_loop(self, batches, num_steps):
+        """`num_steps` steps from the distributed iterator `batches` in one call from the host. Returns the
+        last step's metrics as one vector (in the order of `self.metric_names`, so that the host reads
+        them at once) and whether each step was applied. Nothing in the loop's condition depends on the
+        steps, so a GPU can run them back to back; the host judges the skips afterwards."""
         metrics, applied = self.train_step(next(batches))
-        streak = tf.where(applied, 0, 1)
-        flags = tf.TensorArray(tf.bool, size=0, dynamic_size=True).write(0, applied)
+        flags = tf.TensorArray(tf.bool, size=num_steps).write(0, applied)
 
-        def more(done, streak, *_):
-            return tf.logical_and(done < num_steps, streak < max_streak)
-
-        def another(done, streak, flags, _):
+        def another(done, flags, _):
             metrics, applied = self.train_step(next(batches))
-            return done + 1, tf.where(applied, 0, streak + 1), flags.write(done, applied), metrics
+            return done + 1, flags.write(done, applied), self._packed(metrics)
 
-        _, _, flags, metrics = tf.while_loop(more, another, (tf.constant(1), streak, flags, metrics))
-        return metrics, flags.stack()
+        _, flags, packed = tf.while_loop(lambda done, *_: done < num_steps, another,
+                                         (tf.constant(1), flags, self._packed(metrics)))
+        return packed, flags.stack()
+
+    def _packed(self, metrics):
+        self.metric_names = sorted(metrics)
+        return tf.stack([metrics[name] for name in self.metric_names])
 
     def _replica_gradients(self, images, step):
         # The replica's noise seed is made here, outside the compiled function, which is traced once per
@@ -408,10 +411,9 @@ def _loop(trainer, images, saver, log, on_step):
     with _StopRequest() as stop:
         while not training.max_steps or step < training.max_steps:
             begin = time.time()
-            metrics, applied = trainer.train_loop(batches, tf.constant(_steps_to_boundary(step, training, log)),
-                                                  tf.constant(training.max_skips - log.consecutive_skips))
+            packed, applied = trainer.train_loop(batches, tf.constant(_steps_to_boundary(step, training, log)))
             applied = applied.numpy()
-            metrics = {name: value.numpy() for name, value in metrics.items()}
+            metrics = dict(zip(trainer.metric_names, packed.numpy()))
             seconds = (time.time() - begin) / len(applied)
             for flag in applied:
                 step += 1
@@ -419,7 +421,7 @@ def _loop(trainer, images, saver, log, on_step):
                 if on_step:
                     on_step(StepRecord(step, seconds, global_batch, bool(flag), len(applied)))
             log.report(step, metrics)
-            if log.consecutive_skips >= training.max_skips:
+            if log.gave_up:
                 status = "non_finite"
                 break
             if step % training.checkpoint_every == 0:
@@ -461,6 +463,8 @@ class _Log:
         self.unit = trainer.spec.unit
         self.writer = tf.summary.create_file_writer(train_dir) if is_chief else tf.summary.create_noop_writer()
         self.consecutive_skips = 0
+        self.max_skips = trainer.config.training.max_skips
+        self.gave_up = False  # max_skips steps in a row were skipped
         self.streak_start = None  # the first step of the current run of skipped steps
         self.skip_reason = "non-finite loss or gradient" + (
             " or gradient norm over skip_threshold" if trainer.config.optimization.skip_threshold else "")
@@ -472,11 +476,15 @@ class _Log:
     def step(self, step, applied, images):
         """After each step: count it, and say so when its update was skipped."""
         self.window_images += images
+        if not applied:
+            self.skipped += 1
+        if self.gave_up:  # a host call may run past max_skips; the first such streak is the one to report
+            return
         self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        self.gave_up = self.consecutive_skips >= self.max_skips
         if self.consecutive_skips == 1:
             self.streak_start = step
         if self.consecutive_skips:
-            self.skipped += 1
             self.say(f"Iteration {step}: {self.skip_reason}, update skipped ({self.consecutive_skips} "
                      f"in a row, {self.skipped} in all)")
 

@@ -334,23 +334,26 @@ def test_steps_in_one_host_call_equal_steps_one_by_one(tmp_path, cifar10_dir):
     assert sorted(scalar_series(tmp_path / "8" / "train", "model/bits_per_dim")) == [12, 24]
 
 
-def test_a_call_of_many_steps_stops_on_the_device_at_max_skips(tmp_path, cifar10_dir):
+def test_a_call_of_many_steps_that_passes_max_skips_stops_the_run(tmp_path, cifar10_dir):
     cfg = tiny_config(ONE_BLOCK, max_skips=3, logdir=str(tmp_path), max_steps=0, steps_per_loop=20,
                       checkpoint_every=100, data_dir=str(cifar10_dir))
     poison = tf.Variable(1.0, trainable=False)
-    records = []
+    records, lines = [], []
 
     def on_step(record):
         records.append(record)
-        if record.step == 10:  # the last one-step call: the next call (steps 11..20) is poisoned from its start
+        if record.step == 10:  # the last one-step call: the next call (steps 11..20) is poisoned
             poison.assign(float("nan"))
 
     trainer = _poisoned_trainer(cfg, poison)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
-        train.train(cfg, trainer=trainer, on_step=on_step, print_fn=_quiet)
-    assert [r.step for r in records[10:]] == [11, 12, 13] and {r.steps_in_call for r in records[10:]} == {3}
+    with pytest.raises(NonFiniteError, match="stopped at step 20: 3 consecutive steps") as stop:
+        train.train(cfg, trainer=trainer, on_step=on_step, print_fn=lines.append)
+    assert [r.step for r in records[10:]] == list(range(11, 21)) and {r.steps_in_call for r in records[10:]} == {10}
     assert not any(r.applied for r in records[10:])
-    assert int(trainer.skipped.numpy()) == 3 and int(trainer.step.numpy()) == 13  # not 20
+    assert int(trainer.skipped.numpy()) == 10 and int(trainer.step.numpy()) == 20
+    # The streak that reached max_skips is the one reported and rolled back from.
+    assert sum("update skipped" in line for line in lines) == 3
+    assert "ahead of the first non-finite step, 11)" in str(stop.value)
 
 
 def test_grad_clip_limits_the_applied_gradient(tmp_path, cifar10_dir):
