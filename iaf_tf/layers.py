@@ -110,22 +110,6 @@ def _after(dy, v):
     return v + (first - first)
 
 
-def _recomputed_kernel(dy, v, scale, mask):
-    """The backward pass's kernel and scale (see _wn_conv2d.grad)."""
-    scale_now = _after(dy, scale)
-    return (v * scale_now if mask is None else v * scale_now * mask), scale_now
-
-
-# A conv's weight-norm arithmetic is a dozen small element-wise ops and reductions; without XLA for the
-# rest of the step, each would be a kernel launch of its own (about 20 a conv, 3,000 a README-recipe
-# step). Compiled, the forward and backward arithmetic are three programs a conv. One compilation per
-# kernel shape and option; inside a jit-compiled step they are simply part of its program.
-_compiled = dict(jit_compile=True, autograph=False)
-_wn_kernel_program = tf.function(_wn_kernel, **_compiled)
-_recomputed_kernel_program = tf.function(_recomputed_kernel, **_compiled)
-_wn_kernel_grad_program = tf.function(_wn_kernel_grad, **_compiled)
-
-
 def _static_shape(x):
     """x's shape as a list when it is fully known (no Shape op to run), else the tensor."""
     return x.shape.as_list() if x.shape.is_fully_defined() else tf.shape(x)
@@ -151,7 +135,7 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
         # Unwatched: an eager tape would otherwise record the ops below and keep the kernel and its
         # intermediates alive until the backward pass, although the gradient comes from grad().
         x, v, g, b, *rest = (tf.stop_gradient(t) for t in (x, v, g, b, *rest))
-        kernel, (scale, sq_norm, floored) = _wn_kernel_program(v, g, mask, gain, transpose)
+        kernel, (scale, sq_norm, floored) = _wn_kernel(v, g, mask, gain, transpose)
         out = _conv(x, kernel, strides, transpose, filters)
         out = tf.nn.bias_add(out, tf.cast(b * gain if gain != 1.0 else b, x.dtype))
         if has_residual:
@@ -160,7 +144,8 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
         def grad(dy):
             # The per-channel numbers are the forward's (a few floats each); the kernel, as large as v, is
             # computed again, from a scale that depends on dy (the same numbers: the mask is 0/1).
-            kernel, scale_now = _recomputed_kernel_program(dy, v, scale, mask)
+            scale_now = _after(dy, scale)
+            kernel = v * scale_now if mask is None else v * scale_now * mask
             dy_conv = tf.cast(dy, x.dtype)
             kernel_conv = tf.cast(kernel, x.dtype)
             kernel_shape = v.shape.as_list()
@@ -178,8 +163,7 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
             db = tf.raw_ops.BiasAddGrad(out_backprop=tf.cast(dy, b.dtype))
             if gain != 1.0:
                 db = db * gain
-            dv, dg = _wn_kernel_grad_program(tf.cast(dk, v.dtype), kernel, v, mask, scale_now, sq_norm, floored,
-                                             transpose)
+            dv, dg = _wn_kernel_grad(tf.cast(dk, v.dtype), kernel, v, mask, scale_now, sq_norm, floored, transpose)
             return (dx, dv, dg, db) + ((dy,) if has_residual else ())
 
         return out, grad
