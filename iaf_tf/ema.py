@@ -58,10 +58,12 @@ class WeightAverages(tf.Module):
             var.assign(tf.convert_to_tensor(shadow))
 
 
-def move_towards(shadows, weights, rate):
-    """The original's update of many averages (plain tf.Variables on one device)."""
+def move_towards(shadows, weights, rate, applied=True):
+    """The original's update of many averages (plain tf.Variables on one device); where `applied` (a bool
+    scalar) is False they keep their values (see optim.adamax_update)."""
     for shadow, weight in zip(shadows, weights):
-        shadow.assign_sub(rate * (shadow - tf.cast(weight, shadow.dtype)))
+        moved = shadow - rate * (shadow - tf.cast(weight, shadow.dtype))
+        shadow.assign(tf.where(applied, moved, shadow))
 
 
 def _short_name(variable):

@@ -46,12 +46,15 @@ class OriginalAdamax(keras.optimizers.Optimizer):
         return config
 
 
-def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1, beta_2, epsilon):
-    """The update of many variables and their slots (plain tf.Variables on one device). Written as one
-    expression per slot so that XLA fuses each variable's update into a single loop."""
+def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1, beta_2, epsilon, applied=True):
+    """The update of many variables and their slots (plain tf.Variables on one device). Where `applied`
+    (a bool scalar) is False, everything keeps its value: a select rather than a branch, which on a GPU
+    would wait for its predicate before running either side."""
     lr = tf.cast(lr, tf.float32)
     for gradient, variable, first_moment, running_max in zip(gradients, variables, first_moments, running_maxes):
         gradient = tf.cast(gradient, variable.dtype)
-        first_moment.assign(beta_1 * first_moment + (1.0 - beta_1) * gradient)
-        running_max.assign(tf.maximum(beta_2 * running_max + epsilon, tf.abs(gradient)))
-        variable.assign_sub(lr * first_moment / running_max)
+        new_first = beta_1 * first_moment + (1.0 - beta_1) * gradient
+        new_max = tf.maximum(beta_2 * running_max + epsilon, tf.abs(gradient))
+        first_moment.assign(tf.where(applied, new_first, first_moment))
+        running_max.assign(tf.where(applied, new_max, running_max))
+        variable.assign(tf.where(applied, variable - lr * new_first / new_max, variable))

@@ -70,8 +70,8 @@ class Trainer(TrainState):
     A step is three parts: each replica's loss and gradients (`_gradients`, compiled with XLA when
     jit_compile is on), one MEAN all-reduce of gradients and summaries across replicas, and on every
     device copy of the state the update (`_update`: finiteness check, moving averages, Adamax), always
-    compiled with XLA: it is hundreds of small element-wise ops per variable, which XLA fuses into one
-    loop each. Keeping the all-reduce between two compiled functions is what lets jit_compile work under
+    compiled with XLA: a dozen small element-wise ops for each of hundreds of variables, which XLA
+    fuses into a few loops per variable. Keeping the all-reduce between two compiled functions is what lets jit_compile work under
     MirroredStrategy and MultiWorkerMirroredStrategy.
     """
 
@@ -169,7 +169,8 @@ class Trainer(TrainState):
     def _update(self, grads, objective, learning_rate, weights, first_moments, running_maxes, shadows):
         """One device's update: skip it if anything is non-finite (or the norm is over skip_threshold);
         else clip, move the averages towards the weights before this update (as the original's: its EMA op
-        reads the variables in the same step as Adamax writes them, and TF1 runs the read first), Adamax."""
+        reads the variables in the same step as Adamax writes them, and TF1 runs the read first), Adamax.
+        Skipped by selecting the old values, not by a branch (see optim.adamax_update)."""
         opt = self.config.optimization
         # Their global norm is finite exactly when every gradient is (short of float32 overflow of the
         # squares, far beyond any usable update): one check for all.
@@ -177,17 +178,13 @@ class Trainer(TrainState):
         usable = tf.logical_and(tf.math.is_finite(objective), tf.math.is_finite(norm))
         if opt.skip_threshold > 0:
             usable = tf.logical_and(usable, norm < opt.skip_threshold)
-
-        def apply():
-            clipped = grads
-            if opt.grad_clip > 0:
-                clipped, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
-            ema.move_towards(shadows, weights, 1.0 - opt.ema_decay)
-            optim.adamax_update(clipped, weights, first_moments, running_maxes, learning_rate,
-                                self.optimizer.beta_1, self.optimizer.beta_2, self.optimizer.epsilon)
-            return tf.constant(True)
-
-        return tf.cond(usable, apply, lambda: tf.constant(False))
+        clipped = grads
+        if opt.grad_clip > 0:
+            clipped, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
+        ema.move_towards(shadows, weights, 1.0 - opt.ema_decay, usable)
+        optim.adamax_update(clipped, weights, first_moments, running_maxes, learning_rate, self.optimizer.beta_1,
+                            self.optimizer.beta_2, self.optimizer.epsilon, usable)
+        return usable
 
     def initialize(self, images):
         """Data-dependent init on one replica-sized batch, then start the averages there."""
