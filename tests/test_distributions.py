@@ -40,7 +40,7 @@ def test_gaussian_log_density_matches_tfp():
     log_std = rng.uniform(-3, 2, size=shape).astype(np.float32)
     sample = (mean + rng.normal(size=shape) * 3).astype(np.float32)
     got = dist.gaussian_log_density(sample, mean, log_std).numpy()
-    want = tfp.dist.Normal(mean, tf.exp(log_std)).log_prob(sample).numpy()
+    want = tfp.distributions.Normal(mean, tf.exp(log_std)).log_prob(sample).numpy()
     assert got.shape == tuple(shape)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -24,8 +24,9 @@ def test_chunked_importance_sampling_equals_one_pass(averaged_reference, cifar10
     # Same noise: with max_batch >= k, one pass of k=8; with max_batch=4, chunks of 4 (other seeds per chunk).
     one_pass = evaluator.nll(images, k=8, seed=1, max_batch=100)
     chunked = evaluator.nll(images, k=8, seed=1, max_batch=4)
-    # Different noise draws, same estimator: close but not equal; and each is reproducible.
-    np.testing.assert_allclose(one_pass, chunked, rtol=2e-3)
+    # Different noise draws, same estimator: close but not equal; and each is reproducible. (Two draws
+    # of k=8 on these images differ by up to 0.3%: 0.2% with the noise before e6bca8f, 0.30% after.)
+    np.testing.assert_allclose(one_pass, chunked, rtol=5e-3)
     np.testing.assert_array_equal(chunked, evaluator.nll(images, k=8, seed=1, max_batch=4))
     assert not np.array_equal(chunked, evaluator.nll(images, k=8, seed=2, max_batch=4))
     # A single image in k = 1 chunks: the mean of exp(log w) computed by hand.
