@@ -71,8 +71,8 @@ class Trainer(TrainState):
     jit_compile is on), one MEAN all-reduce of gradients and summaries across replicas, and on every
     device copy of the state the update (`_update`: finiteness check, moving averages, Adamax), always
     compiled with XLA: a dozen small element-wise ops for each of hundreds of variables, which XLA
-    fuses into a few loops per variable. Keeping the all-reduce between two compiled functions is what lets jit_compile work under
-    MirroredStrategy and MultiWorkerMirroredStrategy.
+    fuses into a few loops per variable. Keeping the all-reduce between two compiled functions is what
+    lets jit_compile work under MirroredStrategy and MultiWorkerMirroredStrategy.
     """
 
     def __init__(self, config, strategy=None):
