@@ -71,10 +71,10 @@ def binarize(images, seed):
 
 
 # Noise. TensorFlow's and XLA's stateless Philox kernels draw the same 32-bit words from a seed (with
-# entries in [0, 2**32)) but turn them into floats differently, so a jit-compiled step would see other noise than a plain one. These two
-# functions make the floats from the words with ordinary ops, the way TensorFlow's CPU kernels do
-# (tf.random.stateless_uniform / stateless_normal with alg="philox"): the same numbers as those kernels,
-# to float rounding in log/sin/cos, with and without XLA.
+# entries in [0, 2**32)) but turn them into floats differently, so a jit-compiled step would see other
+# noise than a plain one. These functions make the floats from the words with ordinary ops, the way
+# TensorFlow's CPU kernels do (tf.random.stateless_uniform / stateless_normal with alg="philox"): the
+# same numbers as those kernels, to float rounding in log/sin/cos, with and without XLA.
 
 def _philox_words(shape, seed, dtype=tf.uint32):
     key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)

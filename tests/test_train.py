@@ -22,9 +22,9 @@ from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env, error_lines, grey_images,
-                            latest_step, random_images, read_events, read_expected, run_cli, run_model, scalar_series,
-                            seed, snapshot, start_cli, tiny_config, train_args)
+from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env,
+                            error_lines, grey_images, latest_step, random_images, read_events, read_expected,
+                            run_cli, run_model, scalar_series, seed, snapshot, start_cli, tiny_config, train_args)
 
 
 def _quiet(_line):
