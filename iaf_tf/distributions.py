@@ -9,6 +9,8 @@ import math
 
 import tensorflow as tf
 
+from iaf_tf.programs import compiled
+
 _LOG_2PI = math.log(2.0 * math.pi)
 # The likelihood families of a dataset spec (iaf_tf.datasets).
 DISCRETIZED_LOGISTIC = "discretized_logistic"
@@ -81,6 +83,7 @@ def _philox_words(shape, seed, dtype=tf.uint32):
     return tf.raw_ops.StatelessRandomUniformFullIntV2(shape=shape, key=key, counter=counter, alg=1, dtype=dtype)
 
 
+@compiled
 def fold_in(seed, data):
     """A new int64 seed from `seed` and a non-negative integer `data`. Its entries are kept in [0, 2**32):
     XLA makes the Philox key from the low 32 bits of each seed entry, TensorFlow from all 64."""
@@ -98,9 +101,20 @@ def stateless_uniform(shape, seed):
 
 
 def stateless_normal(shape, seed):
-    """Standard normal float32 noise of `shape` from `seed`: Box-Muller on consecutive pairs of words."""
+    """Standard normal float32 noise of `shape` from `seed`: Box-Muller on consecutive pairs of words.
+
+    The words come from TensorFlow's kernel unless the whole step is compiled: XLA's Philox is far slower
+    on CPUs (BUILD.md, "What a step launches"); only the float arithmetic is a program of its own.
+    """
     size = tf.reduce_prod(tf.cast(shape, tf.int32))
-    pairs = _unit_floats(_philox_words(tf.stack([(size + 1) // 2, 2]), seed))
+    return _box_muller(_philox_words(tf.stack([(size + 1) // 2, 2]), seed), shape)
+
+
+@compiled
+def _box_muller(words, shape):
+    """[size] standard normals of `shape` from [(size + 1) // 2, 2] words."""
+    size = tf.reduce_prod(tf.cast(shape, tf.int32))
+    pairs = _unit_floats(words)
     radius = tf.sqrt(-2.0 * tf.math.log(tf.maximum(pairs[:, 0], 1e-7)))
     angle = (2.0 * math.pi) * pairs[:, 1]
     normals = tf.reshape(tf.stack([radius * tf.sin(angle), radius * tf.cos(angle)], axis=1), [-1])

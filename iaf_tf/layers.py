@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from iaf_tf.programs import compiled
 from iaf_tf.variables import Untracked
 
 # tf.nn.l2_normalize's floor on the squared norm, which the original's kernels go through.
@@ -110,6 +111,27 @@ def _after(dy, v):
     return v + (first - first)
 
 
+# Without jit_compile each of the small ops of the weight norm would be a kernel launch of its own (about
+# 20 a conv): as programs they are three a conv (iaf_tf.programs).
+@compiled
+def _forward_kernel_and_bias(v, g, b, mask, gain, transpose):
+    """_wn_kernel, and the bias times gain."""
+    return _wn_kernel(v, g, mask, gain, transpose), b * gain
+
+
+@compiled
+def _weight_norm_grads(dk, db, kernel, v, mask, scale, sq_norm, floored, gain, transpose):
+    """_wn_kernel_grad's (d/dv, d/dg), and d/db from the bias-add's gradient db."""
+    return (*_wn_kernel_grad(dk, kernel, v, mask, scale, sq_norm, floored, transpose), db * gain)
+
+
+@compiled
+def _recomputed_kernel(dy, v, scale, mask):
+    """The backward pass's kernel, and the scale it is made with (see _wn_conv2d's grad)."""
+    scale_now = _after(dy, scale)
+    return (v * scale_now if mask is None else v * scale_now * mask), scale_now
+
+
 def _static_shape(x):
     """x's shape as a list when it is fully known (no Shape op to run), else the tensor."""
     return x.shape.as_list() if x.shape.is_fully_defined() else tf.shape(x)
@@ -135,17 +157,16 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
         # Unwatched: an eager tape would otherwise record the ops below and keep the kernel and its
         # intermediates alive until the backward pass, although the gradient comes from grad().
         x, v, g, b, *rest = (tf.stop_gradient(t) for t in (x, v, g, b, *rest))
-        kernel, (scale, sq_norm, floored) = _wn_kernel(v, g, mask, gain, transpose)
+        (kernel, (scale, sq_norm, floored)), bias = _forward_kernel_and_bias(v, g, b, mask, gain, transpose)
         out = _conv(x, kernel, strides, transpose, filters)
-        out = tf.nn.bias_add(out, tf.cast(b * gain if gain != 1.0 else b, x.dtype))
+        out = tf.nn.bias_add(out, tf.cast(bias, x.dtype))
         if has_residual:
             out = rest[0] + tf.cast(out, rest[0].dtype)
 
         def grad(dy):
             # The per-channel numbers are the forward's (a few floats each); the kernel, as large as v, is
             # computed again, from a scale that depends on dy (the same numbers: the mask is 0/1).
-            scale_now = _after(dy, scale)
-            kernel = v * scale_now if mask is None else v * scale_now * mask
+            kernel, scale_now = _recomputed_kernel(dy, v, scale, mask)
             dy_conv = tf.cast(dy, x.dtype)
             kernel_conv = tf.cast(kernel, x.dtype)
             kernel_shape = v.shape.as_list()
@@ -161,9 +182,8 @@ def _wn_conv2d(x, v, g, b, residual, mask, strides, gain, transpose=False):
                                                      strides=strides, padding="SAME")
             # In float32 even when the conv is bfloat16: a bfloat16 sum over batch and positions is too coarse.
             db = tf.raw_ops.BiasAddGrad(out_backprop=tf.cast(dy, b.dtype))
-            if gain != 1.0:
-                db = db * gain
-            dv, dg = _wn_kernel_grad(tf.cast(dk, v.dtype), kernel, v, mask, scale_now, sq_norm, floored, transpose)
+            dv, dg, db = _weight_norm_grads(tf.cast(dk, v.dtype), db, kernel, v, mask, scale_now, sq_norm, floored,
+                                            gain, transpose)
             return (dx, dv, dg, db) + ((dy,) if has_residual else ())
 
         return out, grad
