@@ -18,7 +18,9 @@ process (float32, one replica) reports:
                  Counted on XLA's CPU backend: its fusion is close to, not the same as, the GPU's (which
                  also fuses independent small loops side by side, e.g. the per-variable updates).
                  The current checkout always compiles the update (`Trainer._update`), so jit off has
-                 XLA kernels too.
+                 XLA kernels too. Only the step's own functions (STEP_ROLES) are counted: without jit
+                 the small programs of iaf_tf/programs.py (weight norm, noise) are in "XLA launches",
+                 not in this column.
   host calls/step, reads/step
                  during a real `train.train` run (bench data, no summaries or checkpoints in between),
                  after its first 10 one-step host calls (11 for a checkout without steps_per_loop,
@@ -385,7 +387,7 @@ def main():
                     {c.header.replace(chr(10), " "): c.cell(r) for c in COLUMNS[3:]})), file=sys.stderr)
     notes = [
         "ops/step: executor ops per train_step call (profiled), an XLA launch counted as one. XLA kernels: "
-        "top-level kernels of the compiled programs of one step (CPU backend's HLO).",
+        "top-level kernels of the step's compiled functions, gradients and update (CPU backend's HLO).",
         "host calls: tf.function calls and iterator next() from Python; reads: blocking tensor reads; per step "
         f"of train.train after its first {FIRST_CALLS} one-step calls (steps/call: how many steps each call ran).",
         "vs conv: model GFLOP/s over the same process's plain 3x3 conv GFLOP/s (float32)."]
