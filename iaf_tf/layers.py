@@ -62,7 +62,7 @@ def _wn_kernel(v, g=None, mask=None, gain=1.0, transpose=False):
     Returns (kernel, (scale, sq_norm, floored)), the last two per axis-3 channel.
     """
     w = v if mask is None else v * mask
-    sq_norm = tf.einsum("hwio,hwio->o", w, w)  # one op, where square and sum are two
+    sq_norm = tf.reduce_sum(tf.square(w), axis=[0, 1, 2])  # one pass in XLA (an einsum is a transpose and a dot)
     floored = tf.maximum(sq_norm, _L2_EPSILON)
     scale = tf.math.rsqrt(floored)
     if g is not None:
@@ -80,8 +80,9 @@ def _wn_kernel_grad(dk, kernel, v, mask, scale, sq_norm, floored, transpose=Fals
     mask * w = mask * v). The kernel is proportional to exp(g), so d/dg is <dk, kernel> per scaled channel:
     the same sum for a conv, the sum over the other axes for a transposed conv.
     """
-    dot = tf.einsum("hwio,hwio->o", dk, kernel)
-    dg = tf.einsum("hwoi,hwoi->o", dk, kernel) if transpose else dot
+    product = dk * kernel
+    dot = tf.reduce_sum(product, axis=[0, 1, 2])
+    dg = tf.reduce_sum(product, axis=[0, 1, 3]) if transpose else dot
     coefficient = tf.where(sq_norm > _L2_EPSILON, dot / floored, 0.0)
     dv = scale * dk - coefficient * v
     if mask is not None:
