@@ -8,6 +8,7 @@ import contextlib
 
 import tensorflow as tf
 
+from iaf_tf.optim import when_applied
 from iaf_tf.variables import Untracked, local_copies, tf_variable
 
 
@@ -61,9 +62,9 @@ class WeightAverages(tf.Module):
 def move_towards(shadows, weights, rate, applied=True):
     """The original's update of many averages (plain tf.Variables on one device); where `applied` (a bool
     scalar) is False they keep their values (see optim.adamax_update)."""
+    rate = when_applied(applied, rate, 0.0)  # a scalar select: see optim.adamax_update
     for shadow, weight in zip(shadows, weights):
-        moved = shadow - rate * (shadow - tf.cast(weight, shadow.dtype))
-        shadow.assign(tf.where(applied, moved, shadow))
+        shadow.assign(shadow - rate * (shadow - tf.cast(weight, shadow.dtype)))
 
 
 def _short_name(variable):

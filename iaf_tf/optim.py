@@ -46,15 +46,31 @@ class OriginalAdamax(keras.optimizers.Optimizer):
         return config
 
 
+def when_applied(applied, value, otherwise):
+    """`value` if the step is applied, else `otherwise`: a scalar select (python `value` when applied is True)."""
+    return value if applied is True else tf.where(applied, tf.constant(value, tf.float32), otherwise)
+
+
 def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1, beta_2, epsilon, applied=True):
-    """The update of many variables and their slots (plain tf.Variables on one device). Where `applied`
-    (a bool scalar) is False, everything keeps its value: a select rather than a branch, which on a GPU
-    would wait for its predicate before running either side."""
+    """The update of many variables and their slots (plain tf.Variables on one device).
+
+    Where `applied` (a bool scalar) is False everything keeps its value, by a select rather than a branch
+    (on a GPU a branch waits for its predicate before running either side). The selects are of scalars
+    and of the gradient: with it zeroed, a decay of 1, epsilon 0 and no step, each slot's new value is its
+    old one. A select between a variable's new and old values would make XLA copy the variable first, to
+    keep the old value while the new one is written in place (two copies of the state per step).
+    """
     lr = tf.cast(lr, tf.float32)
+    keep_first, mix_first = when_applied(applied, beta_1, 1.0), when_applied(applied, 1.0 - beta_1, 0.0)
+    keep_max, floor = when_applied(applied, beta_2, 1.0), when_applied(applied, epsilon, 0.0)
     for gradient, variable, first_moment, running_max in zip(gradients, variables, first_moments, running_maxes):
         gradient = tf.cast(gradient, variable.dtype)
-        new_first = beta_1 * first_moment + (1.0 - beta_1) * gradient
-        new_max = tf.maximum(beta_2 * running_max + epsilon, tf.abs(gradient))
-        first_moment.assign(tf.where(applied, new_first, first_moment))
-        running_max.assign(tf.where(applied, new_max, running_max))
-        variable.assign(tf.where(applied, variable - lr * new_first / new_max, variable))
+        if applied is not True:
+            gradient = tf.where(applied, gradient, 0.0)  # a skipped step's gradient may be NaN
+        new_first = keep_first * first_moment + mix_first * gradient
+        new_max = tf.maximum(keep_max * running_max + floor, tf.abs(gradient))
+        first_moment.assign(new_first)
+        running_max.assign(new_max)
+        step = lr * new_first / new_max
+        # 0 / 0 where nothing was ever applied (both slots still 0): no step.
+        variable.assign_sub(step if applied is True else tf.where(applied, step, 0.0))

@@ -1,8 +1,10 @@
-import numpy as np
-import tensorflow as tf
 import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
-from iaf_tf.optim import OriginalAdamax
+from iaf_tf.ema import move_towards
+from iaf_tf.optim import OriginalAdamax, adamax_update
 
 
 def test_matches_the_original_update_rule_over_several_steps():
@@ -34,3 +36,32 @@ def test_differs_from_keras_adamax():
     theirs.apply([g], [b])
     np.testing.assert_allclose(a.numpy(), 1 - 0.1 * 0.1 * np.sign(g.numpy()), rtol=1e-5)
     assert not np.allclose(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_skipped_update_keeps_every_value_even_before_any_applied_step(jit_compile):
+    # Fresh slots are 0, so a skipped step's 0 / 0 must not reach the weights; nor may a NaN gradient.
+    weights, firsts, maxes = (tf.Variable(tf.constant(values, tf.float32)) for values in
+                              ([0.5, -1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]))
+    shadow = tf.Variable([0.25, -0.5, 1.0])
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def update(gradient, applied):
+        move_towards([shadow], [weights], 0.01, applied)
+        adamax_update([gradient], [weights], [firsts], [maxes], 0.002, 0.9, 0.999, 1e-8, applied)
+
+    state = lambda: [v.numpy().copy() for v in (weights, firsts, maxes, shadow)]
+    before = state()
+    update(tf.constant([float("nan"), 1.0, float("inf")]), tf.constant(False))
+    for old, new in zip(before, state()):
+        np.testing.assert_array_equal(new, old)
+    # Applied, it is the original's rule: m = 0.1 g, u = max(1e-8, |g|), w -= lr m / u; the average moves
+    # towards the weights from before the update.
+    gradient = np.array([0.3, -2.0, 0.0], np.float32)
+    update(tf.constant(gradient), tf.constant(True))
+    weights_now, firsts_now, maxes_now, shadow_now = state()
+    np.testing.assert_allclose(firsts_now, 0.1 * gradient, rtol=1e-6)
+    np.testing.assert_allclose(maxes_now, np.maximum(1e-8, np.abs(gradient)), rtol=1e-6)
+    np.testing.assert_allclose(weights_now, before[0] - 0.002 * 0.1 * gradient / np.maximum(1e-8, np.abs(gradient)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(shadow_now, before[3] - 0.01 * (before[3] - before[0]), rtol=1e-6)
