@@ -304,7 +304,9 @@ def _layer_and_inputs(rng, in_ch, out_ch, kernel_size, stride, transpose=False, 
     (5, 4, (4, 4), 2, True, False, False, 1.0),   # an even kernel: asymmetric SAME padding
     (3, 4, (3, 3), 1, True, False, True, 0.1),
 ])
-def test_gradient_matches_autodiff(in_ch, out_ch, kernel_size, stride, transpose, masked, with_residual, gain):
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])  # traced: the XLA weight-norm programs
+def test_gradient_matches_autodiff(in_ch, out_ch, kernel_size, stride, transpose, masked, with_residual, gain,
+                                   traced):
     rng = np.random.default_rng(0)
     layer, x = _layer_and_inputs(rng, in_ch, out_ch, kernel_size, stride, transpose, masked, 4 if transpose else 8)
     out_shape = layer.compute_output_shape(x.shape)
@@ -312,13 +314,16 @@ def test_gradient_matches_autodiff(in_ch, out_ch, kernel_size, stride, transpose
     weights = tf.constant(rng.normal(size=out_shape), tf.float32)
     sources = [x, layer.V, layer.g, layer.b] + ([residual] if with_residual else [])
 
-    results = []
-    for fn in (lambda: layer(x, residual=residual, gain=gain), lambda: autodiff_reference(layer, x, residual, gain)):
+    def output_and_gradients(fn):
         with tf.GradientTape() as tape:
             tape.watch([x] + ([residual] if with_residual else []))
             out = fn()
             loss = tf.reduce_sum(out * weights)
-        results.append([out] + tape.gradient(loss, sources))
+        return [out] + tape.gradient(loss, sources)
+
+    results = []
+    for fn in (lambda: layer(x, residual=residual, gain=gain), lambda: autodiff_reference(layer, x, residual, gain)):
+        results.append(tf.function(output_and_gradients)(fn) if traced else output_and_gradients(fn))
     for got, want, name in zip(*results, ["output", "x", "V", "g", "b", "residual"]):
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6 * np.abs(want.numpy()).max(), err_msg=name)
