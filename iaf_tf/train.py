@@ -170,7 +170,7 @@ class Trainer(TrainState):
         """One device's update: skip it if anything is non-finite (or the norm is over skip_threshold);
         else clip, move the averages towards the weights before this update (as the original's: its EMA op
         reads the variables in the same step as Adamax writes them, and TF1 runs the read first), Adamax.
-        Skipped by selecting the old values, not by a branch (see optim.adamax_update)."""
+        Skipped by scalar selects that leave every value as it was, not by a branch (see optim.adamax_update)."""
         opt = self.config.optimization
         # Their global norm is finite exactly when every gradient is (short of float32 overflow of the
         # squares, far beyond any usable update): one check for all.
