@@ -136,6 +136,11 @@ def run():
     def main_then_exit(argv):
         code = main(argv, flags.FLAGS)
         _exit_on_signals(code)
-        return code
+        # Everything is written and closed: end here. Python's own teardown puts the default signal
+        # handlers back before TensorFlow's is done, and a SIGTERM then killed the process (exit -15)
+        # instead of ending it with the run's code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     app.run(main_then_exit)
