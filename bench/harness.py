@@ -79,7 +79,7 @@ class Sizes:
 
 # Settings newer than some checkouts the benchmarks run against: `Library.config` leaves them out where
 # the checkout has no such setting (check `supports` to say so), instead of failing.
-OPTIONAL_SETTINGS = {"steps_per_loop"}
+OPTIONAL_SETTINGS = {"steps_per_loop", "xla_programs"}
 
 
 class Library:

@@ -17,10 +17,11 @@ process (float32, one replica) reports:
                  conditional as itself plus its larger branch, a while loop as itself plus one iteration).
                  Counted on XLA's CPU backend: its fusion is close to, not the same as, the GPU's (which
                  also fuses independent small loops side by side, e.g. the per-variable updates).
-                 The current checkout always compiles the update (`Trainer._update`), so jit off has
-                 XLA kernels too. Only the step's own functions (STEP_ROLES) are counted: without jit
-                 the small programs of iaf_tf/programs.py (weight norm, noise) are in "XLA launches",
-                 not in this column.
+                 With xla_programs on (--xla_programs, default on: a GPU's default) the current
+                 checkout compiles the update (`Trainer._update`), so jit off has XLA kernels too.
+                 Only the step's own functions (STEP_ROLES) are counted: without jit the small
+                 programs of iaf_tf/programs.py (weight norm, noise) are in "XLA launches", not in
+                 this column.
   host calls/step, reads/step
                  during a real `train.train` run (bench data, no summaries or checkpoints in between),
                  after its first 10 one-step host calls (11 for a checkout without steps_per_loop,
@@ -215,7 +216,8 @@ def child_measure(lib, args):
     from iaf_tf import data
     import profile_step
 
-    cfg = lib.config(args.config, args.hpconfig, "float32", args.jit_compile, steps_per_loop=args.steps_per_loop)
+    cfg = lib.config(args.config, args.hpconfig, "float32", args.jit_compile, steps_per_loop=args.steps_per_loop,
+                     xla_programs=args.xla_programs)
     batch_size = lib.sizes(cfg).batch_size
     logdir = tempfile.mkdtemp(prefix="iaf_kernels_")
     last = FIRST_CALLS + args.loop_steps
@@ -306,7 +308,8 @@ def run_child(kind, root, config, args, jit=False):
     dump = tempfile.mkdtemp(prefix="iaf_xla_dump_") if kind == "measure" else None
     argv = ["--child", kind, "--root", root, "--config", config, "--hpconfig", args.hpconfig,
             "--steps", args.steps, "--loop_steps", args.loop_steps, "--steps_per_loop", args.steps_per_loop,
-            "--data_dir", args.data_dir] + (["--jit_compile"] if jit else []) + (["--xla_dump", dump] if dump else [])
+            "--xla_programs", args.xla_programs, "--data_dir", args.data_dir] + (["--jit_compile"] if jit else []) + (
+                ["--xla_dump", dump] if dump else [])
     try:
         return harness.run_child(Path(__file__).resolve(), argv)
     finally:
@@ -349,6 +352,9 @@ def main():
                         help="steps of train.train counted and timed after its first 10 one-step calls "
                              "(default: steps_per_loop for cpu_quick, 4 for the other presets)")
     parser.add_argument("--steps_per_loop", type=int, default=20, help="for checkouts that have it")
+    parser.add_argument("--xla_programs", default="on", choices=("on", "off", "auto"),
+                        help="for checkouts that have it; on (the default): what a GPU runs without jit_compile, "
+                             "auto: this host's default")
     parser.add_argument("--hpconfig", default="", help="extra overrides for every config")
     parser.add_argument("--types", type=int, default=0, help="also list the N most frequent op types")
     parser.add_argument("--sites", action="store_true", help="also list where the host calls and reads come from")
@@ -397,7 +403,7 @@ def main():
             break
     harness.print_table(COLUMNS, rows, labels=3, notes=notes, title=(
         f"\nWhat a training step asks of the device (float32, 1 replica; --steps_per_loop {args.steps_per_loop} "
-        "where the checkout has it)"))
+        f"and xla_programs={args.xla_programs} where the checkout has them)"))
     for r in rows:
         if "error" in r:
             continue

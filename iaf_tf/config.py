@@ -177,8 +177,12 @@ class RuntimeConfig:
     seed: int = flag(0, "Seed for initialization, data order and noise.", _seed)
     mixed_precision: bool = hparam(False, "Compute the IAF blocks in bfloat16 (weights, likelihood and "
                                           "optimizer stay float32).")
-    jit_compile: bool = hparam(False, "Compile each replica's forward and backward pass, and evaluation, with XLA "
-                                      "(the weight update is always compiled).")
+    jit_compile: bool = hparam(False, "Compile each replica's forward and backward pass, the weight update and "
+                                      "evaluation with XLA.")
+    xla_programs: str = hparam("auto", "Without jit_compile, run the weight update, each conv's weight norm and the "
+                                       "noise as small XLA programs: far fewer kernel launches, which bound a GPU's "
+                                       "step; on CPUs slower to start and no faster (BUILD.md). auto: on GPUs.",
+                               one_of("auto", "on", "off"))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,

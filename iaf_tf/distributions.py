@@ -83,11 +83,16 @@ def _philox_words(shape, seed, dtype=tf.uint32):
     return tf.raw_ops.StatelessRandomUniformFullIntV2(shape=shape, key=key, counter=counter, alg=1, dtype=dtype)
 
 
-@compiled
 def fold_in(seed, data):
     """A new int64 seed from `seed` and a non-negative integer `data`. Its entries are kept in [0, 2**32):
     XLA makes the Philox key from the low 32 bits of each seed entry, TensorFlow from all 64."""
-    return tf.stack([tf.cast(_philox_words([], seed), tf.int64), tf.cast(data, tf.int64)])
+    # data as a tensor: a Python int would be part of the program's signature, one compile per value.
+    return _fold_in(seed, tf.convert_to_tensor(data, tf.int64))
+
+
+@compiled
+def _fold_in(seed, data):
+    return tf.stack([tf.cast(_philox_words([], seed), tf.int64), data])
 
 
 def _unit_floats(words):

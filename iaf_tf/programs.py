@@ -3,16 +3,34 @@
 Without jit_compile the step runs op by op, and every small element-wise op or reduction is a kernel
 launch of its own: on a GPU 5 to 20 us of host time each, more than the arithmetic. A weight-normed
 kernel and its gradient, or a draw of Gaussian noise, are a dozen or more such ops. `compiled` makes each
-of them one XLA program. Inside a jit-compiled step they are simply part of the step's program.
+of them one XLA program while `enabled` is on (the trainer turns it on for GPUs: on CPUs the plain ops
+are as fast, and the programs only add compile time and memory). Inside a jit-compiled step they are
+part of the step's program either way.
 """
 
+import contextlib
+import contextvars
 import functools
 
 import tensorflow as tf
 
+# Per thread (MirroredStrategy traces each replica in a thread of its own): the trainer sets it where
+# a replica's computation is traced.
+_ENABLED = contextvars.ContextVar("xla_programs", default=False)
+
+
+@contextlib.contextmanager
+def enabled(on=True):
+    """While tracing inside this block, `compiled` functions are XLA programs (if `on`), else plain ops."""
+    token = _ENABLED.set(bool(on))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
 
 def compiled(fn):
-    """fn as one XLA program wherever it is called from a traced function; eagerly, op by op.
+    """fn as one XLA program when called from a traced function inside `enabled()`; else op by op.
 
     Eager calls (building the model, its data-dependent init) keep the plain ops: there each new shape
     would be a new trace of the program, and TensorFlow warns on the console about frequent retracing.
@@ -22,6 +40,8 @@ def compiled(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        return fn(*args, **kwargs) if tf.executing_eagerly() else program(*args, **kwargs)
+        use_program = _ENABLED.get() and not tf.executing_eagerly()
+        return program(*args, **kwargs) if use_program else fn(*args, **kwargs)
 
+    run.program = program
     return run

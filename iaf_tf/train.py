@@ -17,7 +17,7 @@ import time
 
 import tensorflow as tf
 
-from iaf_tf import api, checkpoints, datasets, ema, files, optim
+from iaf_tf import api, checkpoints, datasets, ema, files, optim, programs
 from iaf_tf import images as images_lib
 from iaf_tf import config as cfg_lib
 from iaf_tf import data as data_lib
@@ -69,10 +69,11 @@ class Trainer(TrainState):
 
     A step is three parts: each replica's loss and gradients (`_gradients`, compiled with XLA when
     jit_compile is on), one MEAN all-reduce of gradients and summaries across replicas, and on every
-    device copy of the state the update (`_update`: finiteness check, moving averages, Adamax), always
-    compiled with XLA: a dozen small element-wise ops for each of hundreds of variables, which XLA
-    fuses into a few loops per variable. Keeping the all-reduce between two compiled functions is what
-    lets jit_compile work under MirroredStrategy and MultiWorkerMirroredStrategy.
+    device copy of the state the update (`_update`: finiteness check, moving averages, Adamax). Keeping
+    the all-reduce between two compiled functions is what lets jit_compile work under MirroredStrategy
+    and MultiWorkerMirroredStrategy. With xla_programs (on GPUs by default) the update is compiled even
+    without jit_compile: a dozen small element-wise ops for each of hundreds of variables, which XLA
+    fuses into a few loops per variable; so are the weight norm and the noise (iaf_tf.programs).
     """
 
     def __init__(self, config, strategy=None):
@@ -87,8 +88,10 @@ class Trainer(TrainState):
         # No AutoGraph anywhere: nothing here has tensor-dependent Python control flow, and AutoGraph's
         # cache of converted functions once handed a test the conversion of another (freed) function.
         compiled = dict(autograph=False)
+        self.xla_programs = uses_xla_programs(config.runtime)
         self._gradients = tf.function(self._gradients, jit_compile=config.runtime.jit_compile, **compiled)
-        self._update = tf.function(self._update, jit_compile=True, **compiled)
+        self._update = tf.function(self._update, jit_compile=config.runtime.jit_compile or self.xla_programs,
+                                   **compiled)
         self.train_step = tf.function(self.train_step, **compiled)
         self.train_loop = tf.function(self.train_loop, **compiled)
 
@@ -131,9 +134,10 @@ class Trainer(TrainState):
         return self._gradients(images, seed)
 
     def _gradients(self, images, seed):
-        with tf.GradientTape() as tape:
-            loss, metrics = loss_fn(self.model, images, seed, self.config.objective)
-        grads = tape.gradient(loss, self.variables)
+        with programs.enabled(self.xla_programs):
+            with tf.GradientTape() as tape:
+                loss, metrics = loss_fn(self.model, images, seed, self.config.objective)
+            grads = tape.gradient(loss, self.variables)
         self._updated = [i for i, g in enumerate(grads) if g is not None]
         return [grads[i] for i in self._updated], dict(metrics, objective=loss)
 
@@ -192,6 +196,14 @@ class Trainer(TrainState):
             self.model.initialize(tf.constant(images[:self.config.optimization.batch_size]),
                                   tf.constant([self.config.runtime.seed, -1], tf.int64))
             self.averages.reset()
+
+
+def uses_xla_programs(runtime):
+    """Whether the step runs its small programs (runtime.xla_programs; auto: when the replicas are GPUs).
+    Measured on CPUs (BUILD.md, "What a step launches"): no faster there, and seconds more to compile."""
+    if runtime.xla_programs != "auto":
+        return runtime.xla_programs == "on"
+    return bool(tf.config.list_logical_devices("GPU")) and not runtime.cpu_replicas
 
 
 def make_strategy(runtime):

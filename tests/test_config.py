@@ -16,7 +16,8 @@ def test_defaults_match_original():
     assert {k: values[k] for k in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
     assert {k: values[k] for k in set(values) - set(ORIGINAL_DEFAULTS)} == dict(
         ema_decay=0.999, posterior="down_iaf2_nl", depth_ar=2, depths="", prior="diag",
-        mixed_precision=False, jit_compile=False, max_skips=10, grad_clip=0.0, skip_threshold=0.0)
+        mixed_precision=False, jit_compile=False, xla_programs="auto", max_skips=10, grad_clip=0.0,
+        skip_threshold=0.0)
 
 
 def test_parse_readme_command_is_typed_and_leaves_original_alone():

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from iaf_tf import distributions as dist
+from iaf_tf import programs
 from iaf_tf.model import input_to_unit_range
 
 BIN = 1.0 / 256.0
@@ -208,10 +209,12 @@ def test_noise_is_tensorflows_philox_noise_and_the_same_under_xla(shape):
     seed = tf.constant([3, 2**32 - 5], tf.int64)
     normal = dist.stateless_normal(shape, seed)
     np.testing.assert_allclose(normal, tf.random.stateless_normal(shape, seed, alg="philox"), atol=3e-6)
-    # Called from a traced function it runs as its own XLA program (iaf_tf.programs), in a jit-compiled one
-    # as part of that one's: the same numbers as the plain ops of an eager call.
-    for traced in (tf.function(dist.stateless_normal), tf.function(dist.stateless_normal, jit_compile=True)):
-        np.testing.assert_allclose(traced(shape, seed), normal, atol=1e-6)
+    # Traced, as plain ops or as its own XLA program (iaf_tf.programs), and inside a jit-compiled function:
+    # the same numbers as the plain ops of an eager call.
+    for as_programs in (False, True):
+        with programs.enabled(as_programs):
+            np.testing.assert_allclose(tf.function(dist.stateless_normal)(shape, seed), normal, atol=1e-6)
+    np.testing.assert_allclose(tf.function(dist.stateless_normal, jit_compile=True)(shape, seed), normal, atol=1e-6)
     uniform = dist.stateless_uniform(shape, seed)
     np.testing.assert_array_equal(uniform, tf.random.stateless_uniform(shape, seed, alg="philox"))
     np.testing.assert_array_equal(tf.function(dist.stateless_uniform, jit_compile=True)(shape, seed), uniform)
@@ -230,6 +233,14 @@ def test_folded_in_seeds_stay_in_32_bits_and_agree_under_xla():
             value = folded(seed, data).numpy()
             assert 0 <= value[0] < 2**32 and value[1] == data
             np.testing.assert_array_equal(folded_xla(seed, data), value)
-            np.testing.assert_array_equal(tf.function(dist.fold_in)(seed, data), value)  # its own program
+            with programs.enabled():
+                np.testing.assert_array_equal(tf.function(dist.fold_in)(seed, data), value)  # its own program
             firsts.add(int(value[0]))
     assert len(firsts) == 4  # every seed gives its own stream (and data tells the folded streams apart)
+
+
+def test_folding_in_other_integers_reuses_one_program():
+    traces = dist._fold_in.program.experimental_get_tracing_count()
+    with programs.enabled():
+        tf.function(lambda seed: [dist.fold_in(seed, data) for data in (0, 1, 41)])(tf.constant([3, 1], tf.int64))
+    assert dist._fold_in.program.experimental_get_tracing_count() - traces <= 1

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from iaf_tf import programs
 from iaf_tf.layers import ARMultiConv, WNConv2D, ar_conv, conv_ar_mask, linear_ar_mask
 from tests.fixtures import raster_allowed
 
@@ -323,7 +324,8 @@ def test_gradient_matches_autodiff(in_ch, out_ch, kernel_size, stride, transpose
 
     results = []
     for fn in (lambda: layer(x, residual=residual, gain=gain), lambda: autodiff_reference(layer, x, residual, gain)):
-        results.append(tf.function(output_and_gradients)(fn) if traced else output_and_gradients(fn))
+        with programs.enabled():
+            results.append(tf.function(output_and_gradients)(fn) if traced else output_and_gradients(fn))
     for got, want, name in zip(*results, ["output", "x", "V", "g", "b", "residual"]):
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-6 * np.abs(want.numpy()).max(), err_msg=name)
@@ -340,8 +342,9 @@ def test_transposed_conv_with_residual_and_gain_matches_numpy():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("as_programs", [False, True], ids=["plain", "programs"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_backward_pass_recomputes_the_kernel_after_the_forward_pass(transpose):
+def test_backward_pass_recomputes_the_kernel_after_the_forward_pass(transpose, as_programs):
     # If the backward kernel did not depend on the upstream gradient, graph optimizers would merge it
     # with the forward one (common subexpressions), which would then stay alive until the backward pass.
     layer, x = _layer_and_inputs(np.random.default_rng(11), 4, 4, (3, 3), 2 if transpose else 1, transpose,
@@ -353,15 +356,16 @@ def test_backward_pass_recomputes_the_kernel_after_the_forward_pass(transpose):
             loss = tf.reduce_sum(tf.sin(layer(x)))
         return tape.gradient(loss, [x, layer.V])
 
-    graph = tf.function(step).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    with programs.enabled(as_programs):
+        graph = tf.function(step).get_concrete_function(tf.TensorSpec(x.shape)).graph
     forward_type, backward_type = ("Conv2DBackpropInput", "Conv2D") if transpose else ("Conv2D", "Conv2DBackpropInput")
     (forward,) = [op for op in graph.get_operations() if op.type == forward_type]
     (backward,) = [op for op in graph.get_operations() if op.type == backward_type]
     forward_kernel, backward_kernel = forward.inputs[1], backward.inputs[1]
     assert forward_kernel is not backward_kernel
     # The tensors the backward kernel is computed from, up to the forward conv's output (through dy). By
-    # tensor, not by op: one compiled weight-norm program gives the forward kernel and its small scale,
-    # and the backward kernel is meant to use the scale.
+    # tensor, not by op: as programs, one gives the forward kernel and its small scale, and the backward
+    # kernel is meant to use the scale.
     ancestors, todo = set(), [backward_kernel]
     while todo:
         tensor = todo.pop()

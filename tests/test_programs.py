@@ -1,8 +1,10 @@
 import logging
+import threading
 
 import numpy as np
 import tensorflow as tf
 
+from iaf_tf import programs
 from iaf_tf.programs import compiled
 
 
@@ -18,11 +20,29 @@ def _calls_in(graph):
     return [library[op.get_attr("f").name].attr["_XlaMustCompile"].b for op in calls]
 
 
-def test_a_traced_call_is_one_xla_program_and_an_eager_call_plain_ops_with_the_same_values():
+def test_a_traced_call_is_one_xla_program_when_enabled_else_plain_ops_with_the_same_values():
     x = tf.constant(np.random.default_rng(0).normal(size=[5, 3]).astype(np.float32))
+    eager = _scaled_norms(x, 0.5)
+    for on, calls in ((True, [True]), (False, [])):
+        traced = tf.function(lambda x: _scaled_norms(x, 0.5))
+        with programs.enabled(on):
+            graph = traced.get_concrete_function(x).graph
+        assert _calls_in(graph) == calls
+        assert any(op.type == "Rsqrt" for op in graph.get_operations()) == (not on)
+        np.testing.assert_allclose(traced(x), eager, rtol=1e-6)
     traced = tf.function(lambda x: _scaled_norms(x, 0.5))
-    assert _calls_in(traced.get_concrete_function(x).graph) == [True]
-    np.testing.assert_allclose(traced(x), _scaled_norms(x, 0.5), rtol=1e-6)
+    assert _calls_in(traced.get_concrete_function(x).graph) == []  # off unless enabled
+
+
+def test_enabled_is_per_thread():
+    # MirroredStrategy traces each replica in a thread of its own: the trainer enables the programs there.
+    seen = []
+    with programs.enabled():
+        worker = threading.Thread(target=lambda: seen.append(programs._ENABLED.get()))
+        worker.start()
+        worker.join()
+        seen.append(programs._ENABLED.get())
+    assert seen == [False, True] and programs._ENABLED.get() is False
 
 
 def test_eager_calls_with_ever_new_shapes_print_no_retracing_warning(caplog):

@@ -91,9 +91,11 @@ def test_loss_fn_reports_mnist_in_nats_per_image():
 # ---------------------------------------------------------------- the step
 
 
-@pytest.mark.parametrize("kl_min, jit_compile", [(0.0, False), (0.5, False), (0.5, True)])
-def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_compile, cifar10_dir):
-    cfg = tiny_config(num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile)
+# xla_programs="on" is what a GPU runs without jit_compile: the update and the small programs compiled.
+@pytest.mark.parametrize("kl_min, jit_compile, xla_programs", [(0.0, False, "off"), (0.5, False, "off"),
+                                                               (0.5, False, "on"), (0.5, True, "auto")])
+def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_compile, xla_programs, cifar10_dir):
+    cfg = tiny_config(num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile, xla_programs=xla_programs)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     trainer = train.Trainer(cfg, strategy)
     images = data.load_cifar10("test", cifar10_dir)[:8]
@@ -593,24 +595,38 @@ def _state(trainer):
 
 @pytest.mark.slow
 def test_a_jit_step_and_a_plain_step_from_the_same_state_and_seed_agree(cifar10_dir):
+    # Also the GPU's default without jit (xla_programs: the update, weight norm and noise as programs).
     images = data.load_cifar10("train", cifar10_dir)[:12]
     losses, states = {}, {}
-    for jit in (False, True):
-        trainer = train.Trainer(tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=jit), tf.distribute.get_strategy())
+    for setup in ("plain", "programs", "jit"):
+        cfg = tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=setup == "jit",
+                          xla_programs="on" if setup == "programs" else "off")
+        trainer = train.Trainer(cfg, tf.distribute.get_strategy())
         trainer.initialize(images[:4])
         initial = _state(trainer)
-        losses[jit] = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"])
-                       for i in range(3)]
-        states[jit] = _state(trainer)
-    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
-    assert losses[True][0] != losses[True][1]  # the steps really trained
-    moved = 0
-    for name, plain in states[False].items():
-        # Relative to each tensor's largest entry: entries near zero have no relative precision.
-        np.testing.assert_allclose(states[True][name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
-                                   err_msg=name)
-        moved += not np.array_equal(plain, initial[name])
-    assert moved >= len(states[False]) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
+        losses[setup] = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"])
+                         for i in range(3)]
+        states[setup] = _state(trainer)
+    assert losses["plain"][0] != losses["plain"][1]  # the steps really trained
+    for setup in ("programs", "jit"):
+        np.testing.assert_allclose(losses[setup], losses["plain"], rtol=1e-5, err_msg=setup)
+        moved = 0
+        for name, plain in states["plain"].items():
+            # Relative to each tensor's largest entry: entries near zero have no relative precision.
+            np.testing.assert_allclose(states[setup][name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
+                                       err_msg=f"{setup}: {name}")
+            moved += not np.array_equal(plain, initial[name])
+        assert moved >= len(states["plain"]) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
+
+
+def test_xla_programs_are_for_gpus_unless_set():
+    assert not tf.config.list_logical_devices("GPU")  # this test's premise: a host without GPUs
+    for setting, expected in (("auto", False), ("on", True), ("off", False)):
+        trainer = train.Trainer(tiny_config(xla_programs=setting), tf.distribute.get_strategy())
+        assert trainer.xla_programs is expected
+        # The update is compiled exactly when the programs are on (or jit_compile is).
+        assert trainer._update._jit_compile is expected
+    assert train.Trainer(tiny_config(jit_compile=True), tf.distribute.get_strategy())._update._jit_compile
 
 
 # ---------------------------------------------------------------- checkpoints you can trust
