@@ -64,7 +64,7 @@ def move_towards(shadows, weights, rate, applied=True):
     scalar) is False they keep their values (see optim.adamax_update)."""
     rate = when_applied(applied, rate, 0.0)  # a scalar select: see optim.adamax_update
     for shadow, weight in zip(shadows, weights):
-        shadow.assign(shadow - rate * (shadow - tf.cast(weight, shadow.dtype)))
+        shadow.assign_sub(rate * (shadow - tf.cast(weight, shadow.dtype)))
 
 
 def _short_name(variable):
