@@ -200,7 +200,7 @@ class Trainer(TrainState):
 
 def uses_xla_programs(runtime):
     """Whether the step runs its small programs (runtime.xla_programs; auto: when the replicas are GPUs).
-    Measured on CPUs (BUILD.md, "What a step launches"): no faster there, and seconds more to compile."""
+    Measured on CPUs (BUILD.md, "What the CPU says"): no faster there, and seconds more to compile."""
     if runtime.xla_programs != "auto":
         return runtime.xla_programs == "on"
     return bool(tf.config.list_logical_devices("GPU")) and not runtime.cpu_replicas
