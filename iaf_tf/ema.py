@@ -9,10 +9,12 @@ import contextlib
 import tensorflow as tf
 
 from iaf_tf.optim import when_applied
-from iaf_tf.variables import Untracked, local_copies, tf_variable
+from iaf_tf.variables import Untracked
 
 
 class WeightAverages(tf.Module):
+    """The averages (`shadows`, mirrored like the weights); the trainer's update moves each device's copies
+    with `move_towards`."""
 
     def __init__(self, variables, decay=0.999, name="weight_averages"):
         super().__init__(name=name)
@@ -33,15 +35,6 @@ class WeightAverages(tf.Module):
         """Start the averages at the current weights (after the data-dependent init)."""
         for shadow, var in zip(self.shadows, self._weights.value):
             shadow.assign(tf.convert_to_tensor(var))
-
-    def update(self):
-        """Call in cross-replica context (or without a strategy): each device's copy of a shadow moves
-        towards the same device's copy of its weight, so no cross-device traffic."""
-        shadows = [local_copies(s) for s in self.shadows]
-        weights = [local_copies(tf_variable(v)) for v in self._weights.value]
-        for device in range(len(shadows[0])):
-            with tf.device(shadows[0][device].device):
-                move_towards([s[device] for s in shadows], [w[device] for w in weights], 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self):

@@ -185,7 +185,7 @@ class Trainer(TrainState):
         clipped = grads
         if opt.grad_clip > 0:
             clipped, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
-        ema.move_towards(shadows, weights, 1.0 - opt.ema_decay, usable)
+        ema.move_towards(shadows, weights, 1.0 - self.averages.decay, usable)
         optim.adamax_update(clipped, weights, first_moments, running_maxes, learning_rate, self.optimizer.beta_1,
                             self.optimizer.beta_2, self.optimizer.epsilon, usable)
         return usable

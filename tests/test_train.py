@@ -125,6 +125,21 @@ def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_com
     # The halves really differ, so an update from only one replica's gradient would have failed above.
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=1e-2) for a, b in zip(*expected) if a is not None)
 
+    # A second step moves each device's copy of the averages towards the weights of before that step.
+    shadows = [trainer.averages.shadow_for(var) for var in variables]
+    before = [(shadow.numpy(), var.numpy()) for shadow, var in zip(shadows, variables)]
+    assert bool(trainer.train_step(batch)[1])
+    rate, moved = 1.0 - cfg.optimization.ema_decay, 0
+    for shadow, (average, weight) in zip(shadows, before):
+        copies = shadow.values
+        assert len(copies) == 2
+        for copy in copies:
+            np.testing.assert_allclose(copy.numpy(), average - rate * (average - weight), rtol=1e-6, atol=1e-9)
+        moved += not np.array_equal(copies[0].numpy(), average)
+    # Not all of them: the top block's last up-pass conv has no update, and a change of 0.1% of a step can
+    # round away in float32.
+    assert moved > len(variables) // 2
+
 
 def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
     images = data.load_cifar10("test", cifar10_dir)[:64]
