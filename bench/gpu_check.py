@@ -71,7 +71,7 @@ def child_train(args):
     return {"step_s": step_s, "images_per_s": images / step_s, "replicas": trainer.num_replicas,
             "tflops": flops_image * images / step_s / 1e12, "gflop_per_image": flops_image / 1e9,
             "peak_gib": max(tf.config.experimental.get_memory_info(d)["peak"] for d in devices) / 2**30,
-            "skipped": lib.result.skipped, "steps_in_call": max(getattr(r, "steps_in_call", 1) for r in timed)}
+            "skipped": lib.result.skipped, "steps_in_call": max(r.steps_in_call for r in timed)}
 
 
 def run_as_child(args):

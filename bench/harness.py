@@ -1,8 +1,8 @@
 """What the bench scripts share: set-up, data defaults, child processes, the table printer, the conv probe.
 
 - `setup(root)` / `load_library(root)`: import the iaf_tf of a checkout the way bin/iaf.py runs it.
-- `Library`: the calls the benchmarks make into iaf_tf; `PreRedesignLibrary` is the one place that knows
-  the API from before the config redesign (for `speed.py --baseline` against older checkouts).
+- `Library`: the calls the benchmarks make into iaf_tf, the one place to change when its API moves
+  (`--baseline` runs another checkout through the same calls).
 - `run_child` / `write_record`: a benchmark child writes one JSON record to a file named on its command
   line, so nothing is ever parsed out of log text.
 - `print_table`: every table, its columns sized from the data.
@@ -45,18 +45,16 @@ def setup(root=ROOT, inter_op_threads=0):
     from iaf_tf.devices import configure_cpu
 
     # A stale import (an installed copy, or another checkout imported first) would measure the wrong code.
-    # __path__ rather than __file__: older checkouts have no iaf_tf/__init__.py (a namespace package).
-    found = Path(list(iaf_tf.__path__)[0]).resolve().parent
+    found = Path(iaf_tf.__file__).resolve().parents[1]
     if found != Path(root).resolve():
         raise RuntimeError(f"iaf_tf was imported from {found}, not from the checkout {root}")
     configure_cpu(1, inter_op_threads=inter_op_threads)
 
 
 def load_library(root=ROOT, inter_op_threads=0):
-    """`setup(root)`, then the adapter for the API that checkout has."""
+    """`setup(root)`, then the calls into that checkout's iaf_tf."""
     setup(root, inter_op_threads)
-    redesigned = (Path(root) / "iaf_tf" / "config.py").exists()
-    return Library() if redesigned else PreRedesignLibrary()
+    return Library()
 
 
 def peak_mib():
@@ -77,22 +75,11 @@ class Sizes:
     blocks: int
 
 
-# Settings newer than some checkouts the benchmarks run against: `Library.config` leaves them out where
-# the checkout has no such setting (check `supports` to say so), instead of failing.
-OPTIONAL_SETTINGS = {"steps_per_loop", "xla_programs"}
-
-
 class Library:
     """The calls the benchmarks make into iaf_tf (the current API)."""
 
-    def supports(self, setting):
-        """Whether this checkout's config has `setting` (e.g. steps_per_loop, new with train_loop)."""
-        from iaf_tf import config
-        return setting in config.SETTINGS
-
     def config(self, preset, hpconfig="", precision="float32", jit_compile=False, **settings):
         from iaf_tf import config
-        settings = {k: v for k, v in settings.items() if k not in OPTIONAL_SETTINGS or self.supports(k)}
         return config.resolve(preset=preset, hpconfig=hpconfig, mixed_precision=precision == "bfloat16",
                               jit_compile=bool(jit_compile), **{"num_gpus": 1, **settings})
 
@@ -125,8 +112,7 @@ class Library:
 
     def run_loop(self, loop_cfg, on_step=None, trainer=None):
         """train.train with a loop_config; returns its StepRecords (after passing each to on_step). A
-        `trainer` must be made from loop_cfg itself: train.train runs with the trainer's config. Older
-        checkouts' records have no steps_in_call (read it with getattr(record, "steps_in_call", 1))."""
+        `trainer` must be made from loop_cfg itself: train.train runs with the trainer's config."""
         from iaf_tf import train
         records = []
 
@@ -137,53 +123,6 @@ class Library:
 
         self.result = train.train(loop_cfg, trainer=trainer, on_step=record, print_fn=quiet)
         return records
-
-
-class PreRedesignLibrary(Library):
-    """The API before the config redesign (1d6e624): flat hparams, train.TrainConfig, and a Trainer whose
-    compiled step is private. Only `speed.py --baseline` against an older checkout needs it; delete this
-    class (and its line in load_library) once the baseline is past the redesign."""
-
-    def config(self, preset, hpconfig="", precision="float32", jit_compile=False, **settings):
-        from iaf_tf import hparams
-        settings = {k: v for k, v in settings.items() if k not in OPTIONAL_SETTINGS}
-        if settings:
-            raise ValueError(f"the pre-redesign API takes no settings {sorted(settings)}")
-        return hparams.resolve_hparams(preset, hpconfig).replace(
-            num_gpus=1, mixed_precision=precision == "bfloat16", jit_compile=bool(jit_compile))
-
-    def supports(self, setting):
-        return False
-
-    def sizes(self, hps):
-        return Sizes(hps.batch_size, hps.eval_batch_size, hps.image_size, sum(hps.level_depths))
-
-    def make_trainer(self, hps):
-        import tensorflow as tf
-        from iaf_tf import train
-        return train.Trainer(hps, tf.distribute.get_strategy(), seed=0)
-
-    def step_function(self, trainer):
-        import tensorflow as tf
-        # Its public train_step is a plain method around the private tf.function; wrapping it traces
-        # the inner function into the outer one, which adds one call op to the traced graph.
-        return tf.function(trainer.train_step)
-
-    def make_model(self, hps):
-        from iaf_tf.model import CVAE
-        return CVAE(hps).build_for(1)
-
-    def loop_step_seconds(self, hps, logdir, max_steps, data_dir):
-        from iaf_tf import train
-        trainer = self.make_trainer(hps)
-        seconds = []
-        # That train() has no step callback: time its calls of the public step instead. The new
-        # StepRecord also counts fetching the (prefetched) batch, well under a millisecond.
-        watch_steps(trainer, lambda elapsed, _metrics: seconds.append(elapsed))
-        train.train(hps, train.TrainConfig(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9,
-                                           summary_every=10**9, data_dir=data_dir, print_fn=quiet),
-                    trainer=trainer)
-        return seconds
 
 
 def watch_steps(trainer, on_call):

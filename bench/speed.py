@@ -9,7 +9,7 @@ the same load: the machine is shared and absolute seconds drift.
 FLOPs are analytic (iaf_tf.flops): forward 2*kh*kw*cin*cout per output position of every weight-normed
 conv (a transposed conv per input position), dense even where a mask zeroes taps; a training step counts
 3x forward. Everything else is treated as free. They are counted on this checkout's model of each config,
-for every checkout measured: the architecture is the same, and older checkouts have no iaf_tf.flops.
+for every checkout measured: the architecture is the same.
 
 --baseline DIR runs the same children against another checkout, e.g. one made with
 `git worktree add --detach /tmp/iaf-baseline <commit>`, so that before/after figures come from one run.
@@ -41,7 +41,7 @@ CHILD_KINDS = ("train", "eval", "loop", "trace", "flops")
 
 def conv_dtypes(concrete):
     """{dtype: number of conv ops} in a traced function and every function it calls: tells whether a
-    bfloat16 run really computes in bfloat16 (an older checkout may ignore the setting)."""
+    bfloat16 run really computes in bfloat16."""
     import tensorflow as tf
     graph_def = concrete.graph.as_graph_def()
     nodes = list(graph_def.node) + [node for f in graph_def.library.function for node in f.node_def]

@@ -1,4 +1,4 @@
-"""What a training step asks of the device, counted on a CPU (issue #14): what decides GPU speed.
+"""What a training step asks of the device, counted on a CPU: what decides GPU speed.
 
 For each config, checkout (this one, and --baseline DIR side by side) and jit_compile off/on, one child
 process (float32, one replica) reports:
@@ -24,22 +24,17 @@ process (float32, one replica) reports:
                  this column.
   host calls/step, reads/step
                  during a real `train.train` run (bench data, no summaries or checkpoints in between),
-                 after its first 10 one-step host calls (11 for a checkout without steps_per_loop,
-                 whose loop reads the 10th console line's metrics after step 10), for --loop_steps
-                 steps (one fewer there): the calls from Python
+                 after its first 10 one-step host calls, for --loop_steps steps: the calls from Python
                  into the runtime that run a step (tf.function calls, and `next()` of a data iterator
                  from Python), and the blocking reads of a tensor's value (`_EagerTensorBase._numpy`,
-                 behind .numpy(), bool(), int(), float(), index()). Everything in that window is
-                 counted (call sites in the JSON record, --sites prints them). A read waits until the
-                 device has produced the tensor; a call returns once the runtime has dispatched the
-                 function. "trips/call" is both per host call of the step function: with full calls of
-                 steps_per_loop steps, trips/step is trips/call / steps_per_loop.
+                 behind .numpy(), bool(), int(), float(), index()); --sites says where they come from.
+                 A read waits until the device has produced the tensor; a call returns once the runtime
+                 has dispatched the function. "trips/call" is both per host call of the step function.
   s/step, img/s  median of those steps' StepRecord.seconds (a multi-step call's time shared out), and
                  "vs conv": model GFLOP/s (iaf_tf.flops, this checkout's count for both) over the GFLOP/s
                  of a plain 3x3 conv (harness.ConvProbe) timed in the same process between host calls.
 
-Children run one after the other, interleaved between checkouts for each (config, jit). The baseline
-of before train_loop (bc50bc7) has no steps_per_loop: its loop is one call per step, whatever the flag.
+Children run one after the other, interleaved between checkouts for each (config, jit).
 
 Usage:
   python bench/step_kernels.py --configs cpu_quick --baseline /tmp/iaf-baseline        # quick (~3 min)
@@ -226,10 +221,9 @@ def child_measure(lib, args):
     probe = harness.ConvProbe(tf.float32, **harness.CONV_SHAPE)
     trips = HostTrips()
     window = {"calls": 0, "in_call": 0, "begin": None}
-    # The window opens at a host call's end: after step 10 where calls run several steps (what follows,
-    # the 10th console line, reads no tensor there), after step 11 where every call is one step (the
-    # older loop reads the metrics for the 10th console line after step 10's on_step).
-    first = FIRST_CALLS if lib.supports("steps_per_loop") else FIRST_CALLS + 1
+    # The window opens at the end of the last one-step host call (what follows it, the 10th console
+    # line, reads no tensor).
+    first = FIRST_CALLS
 
     def on_step(r):
         if r.step == first:
@@ -238,7 +232,7 @@ def child_measure(lib, args):
             trips.active = True
         elif r.step > first:
             window["in_call"] += 1
-            if window["in_call"] == getattr(r, "steps_in_call", 1):  # the call's last step
+            if window["in_call"] == r.steps_in_call:  # the call's last step
                 window["calls"] += 1
                 window["in_call"] = 0
                 trips.active = False
@@ -276,7 +270,7 @@ def child_measure(lib, args):
     modules = xla_modules(args.xla_dump) if args.xla_dump else []
     kernels, per_role = step_kernels(modules)
     return {
-        "batch_size": batch_size, "loops": lib.supports("steps_per_loop"),
+        "batch_size": batch_size,
         "ops_per_step": sum(op_types.values()), "op_types": op_types,
         "xla_launches_per_step": op_types.get(profile_step.XLA_LAUNCH, 0.0),
         "xla_kernels_per_step": kernels, "xla_kernels_by_role": per_role,
@@ -284,7 +278,7 @@ def child_measure(lib, args):
         "window_steps": window_steps, "window_calls": window["calls"], "host_calls": trips.counts["calls"],
         "host_reads": trips.counts["reads"], "host_sites": dict(trips.sites.most_common()),
         "step_s": statistics.median(timed) if timed else None, "step_s_all": [r.seconds for r in records],
-        "steps_in_call": max((getattr(r, "steps_in_call", 1) for r in records if r.step > first), default=None),
+        "steps_in_call": max((r.steps_in_call for r in records if r.step > first), default=None),
         "window_s": window.get("seconds"), **harness.probe_rates({"float32": probe}), "peak_mib": harness.peak_mib()}
 
 
@@ -351,10 +345,9 @@ def main():
     parser.add_argument("--loop_steps", type=int, default=None,
                         help="steps of train.train counted and timed after its first 10 one-step calls "
                              "(default: steps_per_loop for cpu_quick, 4 for the other presets)")
-    parser.add_argument("--steps_per_loop", type=int, default=20, help="for checkouts that have it")
+    parser.add_argument("--steps_per_loop", type=int, default=20)
     parser.add_argument("--xla_programs", default="on", choices=("on", "off", "auto"),
-                        help="for checkouts that have it; on (the default): what a GPU runs without jit_compile, "
-                             "auto: this host's default")
+                        help="on (the default): what a GPU runs without jit_compile; auto: this host's default")
     parser.add_argument("--hpconfig", default="", help="extra overrides for every config")
     parser.add_argument("--types", type=int, default=0, help="also list the N most frequent op types")
     parser.add_argument("--sites", action="store_true", help="also list where the host calls and reads come from")
@@ -397,13 +390,9 @@ def main():
         "host calls: tf.function calls and iterator next() from Python; reads: blocking tensor reads; per step "
         f"of train.train after its first {FIRST_CALLS} one-step calls (steps/call: how many steps each call ran).",
         "vs conv: model GFLOP/s over the same process's plain 3x3 conv GFLOP/s (float32)."]
-    for r in rows:
-        if "error" not in r and not r["loops"]:
-            notes.append(f"{r['config']} {r['code']}: no steps_per_loop in this checkout (one step per host call).")
-            break
     harness.print_table(COLUMNS, rows, labels=3, notes=notes, title=(
-        f"\nWhat a training step asks of the device (float32, 1 replica; --steps_per_loop {args.steps_per_loop} "
-        f"and xla_programs={args.xla_programs} where the checkout has them)"))
+        f"\nWhat a training step asks of the device (float32, 1 replica; --steps_per_loop {args.steps_per_loop}, "
+        f"xla_programs={args.xla_programs})"))
     for r in rows:
         if "error" in r:
             continue
