@@ -13,9 +13,10 @@ from iaf_tf.errors import DataError
 
 
 def test_registry():
-    assert datasets.names() == ("cifar10", "mnist")
-    assert [datasets.get(name).name for name in datasets.names()] == ["cifar10", "mnist"]
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'; expected one of cifar10, mnist"):
+    assert datasets.names() == ("cifar10", "mnist", "imagenet32", "imagenet64")
+    assert [datasets.get(name).name for name in datasets.names()] == ["cifar10", "mnist", "imagenet32", "imagenet64"]
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; expected one of cifar10, mnist, imagenet32, "
+                                         "imagenet64"):
         datasets.get("svhn")
 
 
