@@ -78,12 +78,7 @@ def _write_tfds(folder, size, splits):
 
 
 @pytest.fixture(autouse=True)
-def _in_process(monkeypatch):
-    """cli.main in this process, whose TensorFlow conftest.py set up with two logical CPUs: a one-replica
-    run keeps them (configure_cpu only checks a configuration it can no longer set)."""
-    from iaf_tf import devices
-
-    monkeypatch.setattr(devices, "configure_cpu", lambda *args, **kwargs: tf.config.list_logical_devices("CPU"))
+def _in_process(in_process_cli, monkeypatch):
     monkeypatch.delenv("IAF_TF_CACHE", raising=False)
 
 
