@@ -222,12 +222,19 @@ def _convert(kind, source, cache: Path, size: int):
     print(f"Converting {count} ImageNet images from {source if kind != 'tfds' else source[0].parent} into "
           f"{cache} (once)")
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    row_bytes = size * size * 3
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
-        for row, png, where in items:
-            out[row] = _decode(png, size, where)
-        out.flush()
-        del out
+        # Plain writes, not a memory map: written pages of a map would count towards this process's memory.
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": "|u1", "fortran_order": False, "shape": (count, size, size, 3)})
+            start = out.tell()
+            for row, png, where in items:
+                out.seek(start + row * row_bytes)
+                out.write(_decode(png, size, where).tobytes())
+            out.truncate(start + count * row_bytes)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, cache)  # concurrent converters write the same bytes; the last rename wins
     finally:
         if tmp.exists():
