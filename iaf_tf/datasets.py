@@ -1,7 +1,7 @@
 """The datasets, one spec each: what the model, training and evaluation need to know about a dataset.
 
 Nothing outside this module tests a dataset's name; BUILD.md ("Adding a dataset") says what a new one
-costs: a loader in data.py and an entry here.
+costs: a loader (in data.py or a module of its own) and an entry here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DatasetSpec:
     border: int              # rows and columns on each side that the likelihood does not score
     likelihood: str          # DISCRETIZED_LOGISTIC (uint8 levels) or BERNOULLI (inputs binarized to 0/255)
     unit: str                # how a score is reported: "bits_per_dim" or "nats_per_image"
-    splits: tuple[str, ...]  # the first is trained on; `--mode eval_<split>` takes any
+    splits: tuple[str, ...]  # what the files hold ("train" is trained on); `--mode eval_<split>` takes any
     folder_variable: str     # the environment variable naming the data folder when --data_dir is not given
     # (split, folder or None, allow_download) -> uint8 [N, image_size, image_size, channels]; may be a
     # memory-mapped file (data.train_dataset then reads only the rows of each batch)
