@@ -3,8 +3,8 @@
 Any of three layouts of a split is read: the published archive (`train_64x64.tar`, a tar of PNGs), that
 archive extracted (`train_64x64/*.png`), or a tensorflow-datasets data folder with
 `downsampled_imagenet/64x64/<version>/` prepared. The first use converts the split, PNG by PNG, into one
-uint8 .npy file (images in file-name order, or record order for TFDS), written atomically and memory-mapped
-by every later run and replica. It lives in `.iaf_tf_cache/` beside the data, or under $IAF_TF_CACHE (else
+uint8 .npy file (images in file-name order, or record order for TFDS), written atomically and reused by
+every later run and replica (training reads each batch's rows from it, evaluation maps it). It lives in `.iaf_tf_cache/` beside the data, or under $IAF_TF_CACHE (else
 ~/.cache/iaf_tf) when the data folder is read-only; its name holds a fingerprint of the source files, so
 replaced files are converted again.
 """
@@ -59,7 +59,8 @@ def _find_source(root: Path, split: str, size: int):
     if (root / name).is_dir():
         return "png", root / name
     for tfds_root in (root / "downsampled_imagenet" / f"{size}x{size}", root / f"{size}x{size}", root):
-        versions = sorted(tfds_root.glob(f"*/downsampled_imagenet-{_TFDS_SPLITS[split]}.tfrecord*"))
+        versions = [p for p in tfds_root.glob(f"*/downsampled_imagenet-{_TFDS_SPLITS[split]}.tfrecord*")
+                    if not p.parent.name.startswith("incomplete")]  # TFDS's folder while it prepares
         if versions:
             newest = max({p.parent for p in versions}, key=lambda p: tuple(map(_int_or_zero, p.name.split("."))))
             return "tfds", sorted(newest.glob(f"downsampled_imagenet-{_TFDS_SPLITS[split]}.tfrecord*"))
