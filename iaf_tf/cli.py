@@ -8,7 +8,8 @@ import traceback
 
 from iaf_tf import errors  # no TensorFlow here: its log level is set in run() before it is imported
 
-MODES = ["train", "eval_test", "eval_train", "sample", "export"]
+# eval_<split> for every split of some dataset (a dataset refuses the splits it does not have).
+MODES = ["train", "eval_test", "eval_train", "eval_valid", "sample", "export"]
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_BUG = 2, 3, 1
 
 
@@ -24,8 +25,6 @@ def _run(mode, cfg):
     from iaf_tf.devices import configure_cpu
 
     runtime = cfg.runtime
-    if runtime.cpu_replicas and runtime.cpu_replicas != runtime.num_gpus:
-        raise errors.ConfigError(f"--cpu_replicas={runtime.cpu_replicas} must equal --num_gpus={runtime.num_gpus}")
     files.check_writable(os.path.join(runtime.logdir, "train" if mode == "train" else mode))
     configure_cpu(max(1, runtime.cpu_replicas), intra_op_threads=runtime.threads)
     if mode == "train":
@@ -44,7 +43,7 @@ def _config(mode, flag_values):
     from iaf_tf import api, config
 
     given = config.given_on_command_line(flag_values)
-    runtime = config.Config().replace(**{k: v for k, v in given.items() if k not in config.HPARAM_KEYS}).runtime
+    runtime = config.Config().replace(**{k: v for k, v in given.items() if k in ("logdir", "checkpoint")}).runtime
     if mode != "train":
         cfg, changes = api.config_for(runtime.checkpoint or runtime.logdir, given)
         for key, (old, new) in changes.items():

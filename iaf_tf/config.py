@@ -88,10 +88,14 @@ def flag(default, help, check=None, kind=None):
 class DataConfig:
     dataset: str = hparam("cifar10", f"Dataset: {', '.join(datasets.names())} (see iaf_tf/datasets.py).",
                           one_of(*datasets.names()))
-    image_size: int = hparam(32, "Height and width of the model's input images.", positive)
-    data_dir: str = flag(None, "Dataset folder (default: $CIFAR10_PATH or $MNIST_PATH).", _non_empty, kind=str)
-    download: bool = flag(True, "Where CIFAR-10 is not found, download it with tensorflow-datasets "
-                                "(IAF_TF_NO_DOWNLOAD=1 in the environment turns this off too).")
+    image_size: int = hparam(0, "Height and width of the model's input images (0 = the dataset's own: "
+                                + ", ".join(f"{s.name} {s.image_size}" for s in datasets.REGISTRY.values())
+                                + "); another value must match the files.", non_negative)
+    data_dir: str = flag(None, "Dataset folder (default: " + ", ".join(
+        f"${s.folder_variable} for {s.name}" for s in datasets.REGISTRY.values()) + ").", _non_empty, kind=str)
+    download: bool = flag(True, "Where the files are not found, download them (" + ", ".join(
+        f"{s.name} with {s.download}" for s in datasets.REGISTRY.values() if s.download)
+        + "; IAF_TF_NO_DOWNLOAD=1 in the environment turns this off too).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +242,17 @@ class Config:
             why = s.check(value) if s.check else None
             if why:
                 raise ConfigError(f"invalid {_label(s)}={value!r}: {why}")
+        if not self.data.image_size:
+            own = datasets.get(self.data.dataset).image_size
+            object.__setattr__(self, "data", dataclasses.replace(self.data, image_size=own))
         self._check_levels_fit()
+        self._check_replicas()
+
+    # Checks that compare settings live here, so that the command line and the Python API refuse the same.
+    def _check_replicas(self):
+        runtime = self.runtime
+        if runtime.cpu_replicas and runtime.cpu_replicas != runtime.num_gpus:
+            raise ConfigError(f"--cpu_replicas={runtime.cpu_replicas} must equal --num_gpus={runtime.num_gpus}")
 
     def _check_levels_fit(self):
         """Each level halves the resolution after the encoder's stride 2, down to at least 1x1."""
@@ -261,6 +275,8 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown hparam {unknown[0]!r}; valid keys: {', '.join(HPARAM_KEYS)}; other "
                               f"settings: {', '.join(sorted(set(SETTINGS) - set(HPARAM_KEYS)))}")
+        if "dataset" in values and "image_size" not in values:
+            values = dict(values, image_size=0)  # another dataset: its own size, unless given with it
         sections = {}
         for name, value in values.items():
             # Ints are accepted for float settings (learning_rate=1), bools never for numbers.

@@ -1,4 +1,5 @@
-"""CIFAR-10 and MNIST files as uint8 NHWC arrays, and the training batches drawn from them."""
+"""CIFAR-10 and MNIST files as uint8 NHWC arrays, and the training batches drawn from them (in memory or from
+a memory-mapped file)."""
 
 from __future__ import annotations
 
@@ -201,13 +202,15 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
         raise ValueError(f"need at least batch_size={batch_size} images, got {n}")
     if seed is None:
         seed = int(np.random.randint(2**31 - 1))
+    take = _row_reader(images) if isinstance(images, np.memmap) else None
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise ValueError(f"train_dataset takes uint8 images, got {images.dtype}")
     steps_per_epoch = n // batch_size
 
-    def take(rows):
+    def take_rows(rows):
         return images[rows]
+    take = take or take_rows
 
     def batch_at(step):
         epoch, position = step // steps_per_epoch, step % steps_per_epoch
@@ -222,6 +225,29 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
     return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
             .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
+
+
+def _row_reader(images: np.memmap):
+    """rows -> images[rows], read from the file with one pread per row, when `images` maps a whole file:
+    pages of a memory map that training touches count towards the process's memory, until the whole
+    split would; reads do not. Any other array is indexed in memory."""
+    whole_file = (images.filename and images.flags.c_contiguous and images.dtype == np.uint8
+                  and os.path.getsize(images.filename) == images.offset + images.nbytes)
+    if not whole_file:
+        return None
+    path, offset, shape = images.filename, images.offset, images.shape[1:]
+    row_bytes = int(np.prod(shape))
+
+    def take(rows):
+        out = np.empty((len(rows), *shape), np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, row in enumerate(rows):
+                out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + int(row) * row_bytes), np.uint8).reshape(shape)
+        finally:
+            os.close(fd)
+        return out
+    return take
 
 
 def check_images(images, image_size: int, channels: int, dataset: str) -> None:

@@ -1,4 +1,4 @@
-"""`--mode eval_test|eval_train|sample|export`: evaluate, sample or export the moving-average weights of
+"""`--mode eval_<split>|sample|export`: evaluate, sample or export the moving-average weights of
 checkpoints.
 
 Like the original, evaluation watches `logdir/train` and evaluates each new checkpoint as it appears;
@@ -43,7 +43,8 @@ def _checkpoints_to_evaluate(config, say):
 
 
 def run_eval(config, split, print_fn=print, progress=False):
-    """Evaluate checkpoints on a split ("test" or "train"); returns the list of result dicts."""
+    """Evaluate checkpoints on a split of the dataset ("test", "train", "valid"...); returns the list of result
+    dicts."""
     evaluation, logdir, seed = config.evaluation, config.runtime.logdir, config.runtime.seed
     spec = datasets.get(config.data.dataset)
     split_images = spec.load(split, config.data.image_size, config.data.data_dir,

@@ -84,3 +84,14 @@ def tiny_model():
     model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL), name="model")
     model.initialize(random_images(8, 1), seed(7))
     return model
+
+
+@pytest.fixture
+def in_process_cli(monkeypatch):
+    """cli.main in this process, whose TensorFlow is already set up with two logical CPUs: a one-replica run
+    keeps them (cli would otherwise refuse a configuration it can no longer set)."""
+    import tensorflow as tf
+
+    from iaf_tf import devices
+
+    monkeypatch.setattr(devices, "configure_cpu", lambda *args, **kwargs: tf.config.list_logical_devices("CPU"))

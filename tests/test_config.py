@@ -2,9 +2,9 @@
 
 import pytest
 
-from iaf_tf import config
-from iaf_tf.config import PRESETS_DIR, Config, ConfigError, list_presets, load_preset, resolve
-from tests.fixtures import POSTERIORS, ROOT
+from iaf_tf import cli, config, datasets
+from iaf_tf.config import PRESETS_DIR, SETTINGS, Config, ConfigError, list_presets, load_preset, resolve
+from tests.fixtures import POSTERIORS, ROOT, cli_flags, error_lines
 
 ORIGINAL_DEFAULTS = dict(batch_size=16, eval_batch_size=100, num_gpus=8, learning_rate=0.01, z_size=32,
                          h_size=160, kl_min=0.25, depth=2, num_blocks=2, k=1, dataset="cifar10", image_size=32)
@@ -168,3 +168,44 @@ def test_resolve():
     # Other settings come last, by key.
     assert resolve("tf1_small", "h_size=16", h_size=24, max_steps=7).get("h_size") == 24
     assert config.resolve(max_steps=7).training.max_steps == 7
+
+
+# ---------------------------------------------------------------- what the dataset decides
+
+def test_the_dataset_alone_picks_the_image_size():
+    assert Config().data.image_size == 32
+    assert resolve(hpconfig="dataset=mnist").data.image_size == 32
+    assert resolve(hpconfig="dataset=imagenet64").data.image_size == 64
+    assert resolve(dataset="imagenet64").data.image_size == 64
+    assert load_preset("imagenet64").data.image_size == 64 and load_preset("imagenet32").data.image_size == 32
+    # image_size remains an override (the loaders check it against the files) when given with the dataset;
+    # another dataset later takes its own size.
+    override = resolve(hpconfig="dataset=imagenet64,image_size=32")
+    assert override.data.image_size == 32
+    assert override.replace(dataset="imagenet64").data.image_size == 64
+    assert override.replace(dataset="cifar10").data.image_size == 32
+    assert Config().parse(override.to_hpconfig()) == override
+
+
+def test_help_takes_each_dataset_s_folder_variable_sizes_and_download_from_its_spec():
+    for spec in datasets.REGISTRY.values():
+        assert f"${spec.folder_variable} for {spec.name}" in SETTINGS["data_dir"].help
+        assert f"{spec.name} {spec.image_size}" in SETTINGS["image_size"].help
+    assert "cifar10 with tensorflow-datasets" in SETTINGS["download"].help
+    assert "mnist" not in SETTINGS["download"].help and "imagenet" not in SETTINGS["download"].help
+
+
+@pytest.mark.parametrize("settings, args, fragment", [
+    (dict(num_gpus=2, cpu_replicas=3), ["--num_gpus", 2, "--cpu_replicas", 3],
+     "--cpu_replicas=3 must equal --num_gpus=2"),
+    (dict(dataset="imagenet32", depth=6), ["--hpconfig", "dataset=imagenet32,depth=6"],
+     "6 levels need image_size divisible by 64, and image_size=32 allows at most 5 levels"),
+])
+def test_a_cross_setting_mistake_is_refused_alike_by_the_command_line_and_the_api(settings, args, fragment, tmp_path,
+                                                                                  capsys):
+    with pytest.raises(ConfigError) as err:
+        resolve(**settings)
+    assert fragment in str(err.value)
+    assert cli.main(["iaf.py"], cli_flags("--mode", "train", "--logdir", tmp_path / "run", *args)) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {err.value}"]
+    assert not (tmp_path / "run").exists()

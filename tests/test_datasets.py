@@ -1,21 +1,24 @@
 """iaf_tf.datasets: the registry, and each dataset's spec (what it loads for training and for evaluation,
 which pixels are scored, and the unit of its reported score)."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import data, datasets
+from iaf_tf import cli, data, datasets
 from iaf_tf.distributions import BERNOULLI, DISCRETIZED_LOGISTIC
 from iaf_tf.errors import DataError
+from tests.fixtures import ONE_BLOCK, cli_flags
 
 
 def test_registry():
-    assert datasets.names() == ("cifar10", "mnist")
-    assert [datasets.get(name).name for name in datasets.names()] == ["cifar10", "mnist"]
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'; expected one of cifar10, mnist"):
+    assert datasets.names() == ("cifar10", "mnist", "imagenet32", "imagenet64")
+    assert [datasets.get(name).name for name in datasets.names()] == ["cifar10", "mnist", "imagenet32", "imagenet64"]
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; expected one of cifar10, mnist, imagenet32, "
+                                         "imagenet64"):
         datasets.get("svhn")
 
 
@@ -66,3 +69,17 @@ def test_scores_in_each_unit():
     assert isinstance(score, tf.Tensor) and score.shape == ()
     assert float(score) == pytest.approx(3.0, rel=1e-12)  # bits per dimension of the mean image
     assert float(datasets.get("mnist").score(tf.constant([80.0, 100.0, 120.0]), 32)) == pytest.approx(100.0)
+
+
+def test_dataset_mnist_alone_trains_and_evaluates_mnist(mnist_dir, tmp_path, monkeypatch, capsys, in_process_cli):
+    # No image_size and no --data_dir: the spec gives the size and its folder variable the files.
+    monkeypatch.setenv("MNIST_PATH", str(mnist_dir))
+    run = ["--hpconfig", f"dataset=mnist,{ONE_BLOCK}", "--logdir", tmp_path]
+    assert cli.main(["iaf.py"], cli_flags("--mode", "train", "--max_steps", 2, *run)) == 0
+    assert cli.main(["iaf.py"], cli_flags("--mode", "eval_test", "--once", "--num_images", 20,
+                                          "--logdir", tmp_path)) == 0
+    assert "Step: 2 Score:" in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval_test" / "result-2.json").read_text())
+    assert (result["split"], result["images"]) == ("test", 20) and np.isfinite(result["nats_per_image"])
+    assert "dataset=mnist" in (tmp_path / "train" / "hparams.cfg").read_text().splitlines()
+    assert "image_size=32" in (tmp_path / "train" / "hparams.cfg").read_text().splitlines()
