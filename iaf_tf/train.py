@@ -17,7 +17,7 @@ import time
 
 import tensorflow as tf
 
-from iaf_tf import api, checkpoints, datasets, ema, files, optim, programs
+from iaf_tf import api, checkpoints, datasets, ema, files, noise, optim, programs
 from iaf_tf import images as images_lib
 from iaf_tf import config as cfg_lib
 from iaf_tf import data as data_lib
@@ -129,9 +129,7 @@ class Trainer(TrainState):
         # The replica's noise seed is made here, outside the compiled function, which is traced once per
         # device: a seed made inside it could be one replica's constant.
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        seed = tf.stack([tf.constant(self.config.runtime.seed, tf.int64),
-                         step * self.num_replicas + tf.cast(replica, tf.int64)])
-        return self._gradients(images, seed)
+        return self._gradients(images, noise.training_key(self.config.runtime.seed, step, self.num_replicas, replica))
 
     def _gradients(self, images, seed):
         with programs.enabled(self.xla_programs):
@@ -194,7 +192,7 @@ class Trainer(TrainState):
         """Data-dependent init on one replica-sized batch, then start the averages there."""
         with self.strategy.scope():
             self.model.initialize(tf.constant(images[:self.config.optimization.batch_size]),
-                                  tf.constant([self.config.runtime.seed, -1], tf.int64))
+                                  noise.key(self.config.runtime.seed, noise.INITIALIZATION))
             self.averages.reset()
 
 
