@@ -311,7 +311,8 @@ def test_stops_after_max_skips_consecutive_non_finite_steps_with_a_usable_checkp
     trainer = _poisoned_trainer(cfg, poison)
     weights = {}
     train.train(cfg, trainer=trainer, print_fn=_quiet,
-                on_step=lambda record: weights.setdefault(record.step, [v.numpy().copy() for v in trainer.state.variables]))
+                on_step=lambda record: weights.setdefault(record.step,
+                                                          [v.numpy().copy() for v in trainer.state.variables]))
     poison.assign(float("inf"))
     cfg = cfg.replace(max_steps=0)  # would run forever but for the stop
     with pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite loss") as stop:
