@@ -19,7 +19,7 @@ process's resident size would not do: the pool keeps what it once allocated.
 
 Variants: `custom` is WNConv2D's call (the kernel recomputed in the backward pass); `autodiff` is the
 formula in plain TF ops (it keeps the kernel, the unit direction and what their gradients need);
-`custom-merged` is `custom` without the backward pass's data dependency on dy (layers._after), which
+`custom-merged` is `custom` without the backward pass's data dependency on dy (weight_norm._after), which
 lets Grappler merge the recomputed kernel with the forward one (graph mode only: eager mode runs no
 graph optimizer). Eager mode also keeps each conv's output (the tape holds AvgPool's input), whatever
 the variant.
@@ -44,11 +44,11 @@ def child(args):
     import numpy as np
     import tensorflow as tf
 
-    from iaf_tf import layers
+    from iaf_tf import weight_norm
     from iaf_tf.layers import WNConv2D
 
     if args.variant == "custom-merged":
-        layers._after = lambda dy, v: v
+        weight_norm._after = lambda dy, v: v
 
     rng = np.random.default_rng(0)
     convs = [WNConv2D(args.channels, (3, 3), (2, 2), transpose=True) for _ in range(args.layers)]
