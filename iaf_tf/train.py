@@ -87,8 +87,11 @@ class Trainer:
         # Each device updates its copy of the state with the same mean gradients (compiled, `_update`):
         # usable_update(...), then the moving averages, then Adamax; an unusable update changes nothing.
         learning_rate = tf.convert_to_tensor(state.optimizer.learning_rate)
-        applied = [self._update(device_grads, metrics["objective"], learning_rate, *device_state)
-                   for device_grads, device_state in self._per_device(grads)][0]
+        applied = []
+        for device, device_grads, device_state in self._per_device(grads):
+            with tf.device(device):
+                applied.append(self._update(device_grads, metrics["objective"], learning_rate, *device_state))
+        applied = applied[0]  # the same on every device
         state.optimizer.iterations.assign_add(tf.cast(applied, state.optimizer.iterations.dtype))
         state.step.assign_add(1)
         state.skipped.assign_add(1 - tf.cast(applied, tf.int64))
@@ -156,8 +159,7 @@ class Trainer:
 
     def _per_device(self, grads):
         """For each device (mirrored copies stay equal: every device applies the same mean gradients):
-        (its copies of the gradients, [its weights, Adamax first moments, running maxes, averages]),
-        under that device's scope while the caller works on them."""
+        (the device, its copies of the gradients, [its weights, Adamax first moments, running maxes, averages])."""
         state, updated = self.state, self._updated
         groups = [[local_copies(v) for v in group] for group in (
             [tf_variable(state.variables[i]) for i in updated],
@@ -165,9 +167,8 @@ class Trainer:
             [tf_variable(state.optimizer.running_maxes[i]) for i in updated],
             [state.averages.shadow_for(state.variables[i]) for i in updated])]
         grads = [local_copies(g) for g in grads]
-        for device in range(len(grads[0])):
-            with tf.device(groups[0][0][device].device):
-                yield [g[device] for g in grads], [[v[device] for v in group] for group in groups]
+        return [(groups[0][0][d].device, [g[d] for g in grads], [[v[d] for v in group] for group in groups])
+                for d in range(len(grads[0]))]
 
     def initialize(self, images):
         """Data-dependent init on one replica-sized batch, then start the averages there."""
