@@ -7,15 +7,12 @@ import os
 
 import tensorflow as tf
 
-from iaf_tf import checkpoints, tf1_checkpoint
+from iaf_tf import checkpoints, noise, tf1_checkpoint
 from iaf_tf import config as cfg_lib
 from iaf_tf import distributions as dist
+from iaf_tf import images as images_lib
 from iaf_tf.errors import CheckpointError
 from iaf_tf.likelihood import Evaluator
-from iaf_tf.model import to_uint8_images
-
-# Noise streams of the seeded draws here, apart from those of the likelihood's chunks (0, 1, ...).
-_RECONSTRUCTION_STREAM, _SAMPLE_STREAM, _ENCODE_STREAM = 1 << 30, (1 << 30) + 1, (1 << 30) + 2
 
 
 def load(path, weights="ema", hpconfig="", **settings):
@@ -92,28 +89,17 @@ class TrainedModel:
 
     def sample(self, num_images, temperature=1.0, seed=0):
         """uint8 images decoded from z drawn from the prior (its noise scaled by `temperature`)."""
-        return samples(self.model, num_images, temperature, seed)
+        return images_lib.samples(self.model, num_images, temperature, seed)
 
     def reconstruct(self, images, seed=0):
         """uint8 decoder means for one posterior sample of each image."""
-        return reconstructions(self.model, images, seed)
+        return images_lib.reconstructions(self.model, images, seed)
 
     def encode(self, images, seed=0):
         """The latent code: per stochastic layer, bottom-up, {"layer": (level, block), "mean", "log_scale"}
         of q(z|x)'s Gaussian before its IAF step ([N, h, w, z_size] arrays). A layer's posterior depends
         on the z drawn in the layers before it (`seed` keys those draws)."""
-        out = self.model(tf.constant(images), tf.constant([seed, _ENCODE_STREAM], tf.int64))
+        out = self.model(tf.constant(images), noise.key(seed, noise.ENCODE))
         return [{"layer": index, "mean": mean.numpy(), "log_scale": log_scale.numpy()}
                 for index, (mean, log_scale) in zip(self.model.block_index, out["posterior"])]
 
-
-def samples(model, num_images, temperature=1.0, seed=0):
-    """uint8 images decoded from z drawn from the prior of `model` (a CVAE)."""
-    mean = model.sample(num_images, tf.constant([seed, _SAMPLE_STREAM], tf.int64), temperature)
-    return to_uint8_images(mean).numpy()
-
-
-def reconstructions(model, images, seed=0):
-    """uint8 decoder means of `model` (a CVAE) for one posterior sample of each image."""
-    out = model(tf.constant(images), tf.constant([seed, _RECONSTRUCTION_STREAM], tf.int64))
-    return to_uint8_images(out["mean"]).numpy()

@@ -51,7 +51,7 @@ def _config(mode, flag_values):
         return cfg
     train_dir = os.path.join(runtime.logdir, "train")
     saved = config.read_run_config(train_dir)
-    # Training prints and records what changed on resume (train._record_config).
+    # Training prints and records what changed on resume (loop._record_config).
     return config.Config().replace(**given) if saved is None else config.on_top_of(saved, given, train_dir)[0]
 
 

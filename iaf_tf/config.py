@@ -151,7 +151,8 @@ class TrainingConfig:
                                positive)
     max_skips: int = hparam(10, "Stop after this many consecutive steps with a non-finite loss or gradient "
                                 "(each is skipped).", positive)
-    max_to_keep: int = setting(5, "Checkpoints kept in <logdir>/train.", positive)
+    max_to_keep: int = flag(5, "Checkpoints kept in <logdir>/train (the newest ones; older ones are deleted).",
+                            positive)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,11 +56,14 @@ class DatasetSpec:
         """Dimensions the likelihood scores per image."""
         return self.channels * (image_size - 2 * self.border) ** 2
 
-    def score(self, nll, image_size: int):
-        """The reported number (a scalar tensor, in `unit`) for per-image NLLs in nats."""
+    def score(self, nll, image_size: int, per_image=False):
+        """The reported number (in `unit`) for per-image NLLs in nats: a scalar tensor for all of them,
+        or with `per_image` one number per image."""
         nll = tf.convert_to_tensor(nll)
         if self.unit == "nats_per_image":
-            return tf.reduce_mean(nll)
+            return nll if per_image else tf.reduce_mean(nll)
+        if per_image:
+            return dist.bits_per_dim(nll, 1, self.num_dims(image_size))
         return dist.bits_per_dim(tf.reduce_sum(nll), tf.cast(tf.size(nll), nll.dtype), self.num_dims(image_size))
 
 

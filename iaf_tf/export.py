@@ -2,18 +2,23 @@
 without iaf_tf installed (README, "Export").
 
 Signatures:
-- `score(images uint8 [N, H, W, C], seed int64 [])` -> {"nll": per-image negative ELBO in nats [N],
-  "bits_per_dim": the same per image in bits per scored dimension [N]};
+- `score(images uint8 [N, H, W, C], seed int64 [])` -> {"nll": per-image negative ELBO in nats [N], and
+  the same per image in the dataset's reported unit under its name: "bits_per_dim" (CIFAR-10) or
+  "nats_per_image" (MNIST) [N]};
 - `sample(num_images int32 [], temperature float32 [], seed int64 [])` -> {"images": uint8 [n, H, W, C]}.
+
+Both draw their noise as iaf_tf does for the same seed (iaf_tf.noise): `sample` gives the images of
+`iaf_tf.load(...).sample(n, seed=s)`, and `score` the `nll(images, k=1, seed=s)` of a batch of up to
+eval_batch_size images.
 """
 
-import math
 import os
 import shutil
 
 import tensorflow as tf
 
-from iaf_tf import files
+from iaf_tf import files, noise
+from iaf_tf import distributions as dist
 from iaf_tf.model import to_uint8_images
 from iaf_tf.variables import Untracked
 
@@ -38,12 +43,13 @@ class _Servable(tf.Module):
         self.captured_variables = list(captured.values())
 
     def _score(self, images, seed):
-        out = self._model.value(images, tf.stack([seed, tf.constant(0, tf.int64)]))
-        nll = out["kl"] - out["log_pxz"]
-        return {"nll": nll, "bits_per_dim": nll / (math.log(2.0) * self._model.value.num_dims)}
+        model = self._model.value
+        out = model(images, noise.likelihood_key(seed, 0, 1, 0))  # the first pass of a k=1 evaluation
+        nll = dist.importance_sampled_nll(out["log_pxz"], out["kl"], 1)
+        return {"nll": nll, model.spec.unit: model.score(nll, per_image=True)}
 
     def _sample(self, num_images, temperature, seed):
-        mean = self._model.value.sample(num_images, tf.stack([seed, tf.constant(1, tf.int64)]), temperature)
+        mean = self._model.value.sample(num_images, noise.key(seed, noise.SAMPLE), temperature)
         return {"images": to_uint8_images(mean)}
 
 

@@ -1,4 +1,5 @@
-"""Image grids, PNG files and TensorBoard pictures of samples and reconstructions."""
+"""Samples and reconstructions of a model as uint8 images, and image grids, PNG files and TensorBoard
+pictures of them."""
 
 import math
 import os
@@ -6,7 +7,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from iaf_tf import files
+from iaf_tf import files, noise
+from iaf_tf.model import to_uint8_images
 
 
 def tile(images, columns=None, border=1, border_value=0):
@@ -48,3 +50,15 @@ def write_pictures(writer, out_dir, step, named_grids, scale=1):
             grid = upscale(grid, scale)
             tf.summary.image(name, grid[None], max_outputs=1)
             write_png(os.path.join(out_dir, f"{name}-{step}.png"), grid)
+
+
+def samples(model, num_images, temperature=1.0, seed=0):
+    """uint8 images decoded from z drawn from the prior of `model` (a CVAE)."""
+    mean = model.sample(num_images, noise.key(seed, noise.SAMPLE), temperature)
+    return to_uint8_images(mean).numpy()
+
+
+def reconstructions(model, images, seed=0):
+    """uint8 decoder means of `model` (a CVAE) for one posterior sample of each image."""
+    out = model(tf.constant(images), noise.key(seed, noise.RECONSTRUCTION))
+    return to_uint8_images(out["mean"]).numpy()

@@ -10,6 +10,8 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from iaf_tf import noise
+
 
 def plan_chunks(k, max_batch):
     """(images per forward pass, samples per image per pass)."""
@@ -41,8 +43,7 @@ class Evaluator:
             total = tf.fill([batch.shape[0]], -np.inf)
             for chunk in range(chunks):
                 count = min(samples, k - chunk * samples)
-                seed_t = tf.constant([seed, start * chunks + chunk], tf.int64)
-                log_w = self._log_weights(batch, seed_t, count)
+                log_w = self._log_weights(batch, noise.likelihood_key(seed, start, chunks, chunk), count)
                 total = tf.reduce_logsumexp(tf.stack([total, tf.reduce_logsumexp(log_w, axis=1)]), axis=0)
                 bar.update(batch.shape[0] * count)
             result[start:start + per_pass] = -(total.numpy().astype(np.float64) - math.log(k))

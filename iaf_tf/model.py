@@ -13,13 +13,12 @@ import keras
 import tensorflow as tf
 
 from iaf_tf import distributions as dist
+from iaf_tf import noise as noise_streams
 from iaf_tf.layers import ARMultiConv, IAFShift, WNConv2D
 
 # Residual branches and IAF shifts are scaled down by this constant in the original.
 RESIDUAL_SCALE = 0.1
 IAF_SCALE = 0.1
-# Fold-in index of the Bernoulli inputs' binarization noise: apart from the blocks' noise streams 0, 1, ...
-BINARIZE_STREAM = 1 << 20
 
 
 def resize_nearest(x, factor):
@@ -230,9 +229,10 @@ class CVAE(keras.Model):
                                             aggregation="mean")
         self.top_size = self.image_size // 2 ** len(model_config.level_depths)
 
-    def score(self, nll):
-        """The dataset's reported number (bits/dim or nats/image) for per-image NLLs in nats."""
-        return self.spec.score(nll, self.image_size)
+    def score(self, nll, per_image=False):
+        """The dataset's reported number (bits/dim or nats/image) for per-image NLLs in nats (with
+        `per_image`, one number per image)."""
+        return self.spec.score(nll, self.image_size, per_image)
 
     def build(self, input_shape=None):
         # Variables are created by the first call (see build_for); nothing to do from a shape alone.
@@ -288,7 +288,7 @@ class CVAE(keras.Model):
         "kl": [n*k] their sum (the KL cost), "posterior": per layer the (mean, log-scale) of q(z|x)'s
         Gaussian before its IAF step [n*k, h, w, z_size]}."""
         if self.bernoulli:
-            images = dist.binarize(images, dist.fold_in(seed, BINARIZE_STREAM))
+            images = dist.binarize(images, dist.fold_in(seed, noise_streams.BINARIZE))
         x = input_to_unit_range(images)
         if k > 1:
             x = tf.repeat(x, k, axis=0)

@@ -20,7 +20,7 @@ def main(logdir, data_dir, hpconfig, weights_out, jit_compile="false", steps_per
                                                   jit_compile=jit_compile == "true", steps_per_loop=int(steps_per_loop))
     trainer = train.Trainer(cfg)
     train.train(cfg, trainer=trainer)
-    np.savez(weights_out, **{f"{i}_{v.path}": v.numpy() for i, v in enumerate(trainer.variables)})
+    np.savez(weights_out, **{f"{i}_{v.path}": v.numpy() for i, v in enumerate(trainer.state.variables)})
 
 
 if __name__ == "__main__":

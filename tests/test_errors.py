@@ -9,7 +9,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, cli, config, data, devices, errors, files, tf1_checkpoint, train
+from iaf_tf import checkpoints, cli, config, data, devices, distribute, errors, files, tf1_checkpoint
 from tests.fixtures import ROOT, cli_env, cli_flags
 
 ERROR_CLASSES = [c for c in vars(errors).values()
@@ -45,7 +45,7 @@ BAD_INPUT = {
     "checkpoint path": (errors.CheckpointError, lambda tmp: checkpoints.resolve(tmp / "none")),
     "tf1 checkpoint file": (errors.CheckpointError, lambda tmp: tf1_checkpoint.read(str(tmp / "model.ckpt-1"))),
     "logdir": (errors.ConfigError, lambda tmp: files.check_writable(_below_a_file(tmp))),
-    "multi_worker without TF_CONFIG": (errors.ConfigError, lambda tmp: train.make_strategy(
+    "multi_worker without TF_CONFIG": (errors.ConfigError, lambda tmp: distribute.make_strategy(
         config.Config().replace(strategy="multi_worker").runtime)),
     "num_gpus": (errors.ConfigError, lambda tmp: _no_gpu() or devices.replica_devices(4)),
 }

@@ -93,7 +93,7 @@ def test_mnist_is_evaluated_in_nats_per_image_on_a_fixed_binarization(mnist_dir,
                       data_dir=str(mnist_dir))
     trainer = train.Trainer(cfg, tf.distribute.get_strategy())
     trainer.initialize(datasets.get("mnist").load("train", 32, mnist_dir)[:4])
-    tf.train.CheckpointManager(trainer.checkpoint, str(tmp_path / "train"), max_to_keep=None).save(0)
+    tf.train.CheckpointManager(trainer.state.checkpoint, str(tmp_path / "train"), max_to_keep=None).save(0)
     lines = []
     first, second = (evaluate.run_eval(cfg, "test", print_fn=lines.append, progress=False)[0] for _ in range(2))
     assert "bits_per_dim" not in first and first["nats_per_image"] == second["nats_per_image"]

@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import data, train
+from iaf_tf import noise as noise_streams
 from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import named_variables
 from iaf_tf.config import Config, load_preset
-from iaf_tf.model import (BINARIZE_STREAM, IAF_SCALE, count_trainable_parameters, input_to_unit_range,
+from iaf_tf.model import (IAF_SCALE, count_trainable_parameters, input_to_unit_range,
                           resize_nearest, to_uint8_images)
 from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, grey_images,
                             make_model, random_images, raster_allowed, run_model, seed, tiny_config)
@@ -440,7 +441,7 @@ def test_model_binarizes_with_the_step_seed_and_scores_the_28x28_digit():
     assert out["mean"].shape == (4, 32, 32, 1)
     assert out["mean"].numpy().min() >= -0.5 and out["mean"].numpy().max() <= 0.5
     # The same step seed binarizes the same way: feeding that binarization gives the same numbers.
-    binary = dist.binarize(images, dist.fold_in(step_seed, BINARIZE_STREAM))
+    binary = dist.binarize(images, dist.fold_in(step_seed, noise_streams.BINARIZE))
     again = run_model(model, binary, step_seed)
     for key in ("log_pxz", "kl", "nll"):
         np.testing.assert_array_equal(out[key].numpy(), again[key].numpy())

@@ -9,20 +9,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, config, data, datasets, train
+from iaf_tf import checkpoints, config, data, datasets, distribute, train
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError, NonFiniteError
 from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env,
+from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
                             error_lines, grey_images, latest_step, random_images, read_events, read_expected,
                             run_cli, run_model, scalar_series, seed, snapshot, start_cli, tiny_config, train_args)
 
@@ -100,7 +101,7 @@ def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_com
     trainer = train.Trainer(cfg, strategy)
     images = data.load_cifar10("test", cifar10_dir)[:8]
     trainer.initialize(images)
-    model, variables = trainer.model, trainer.variables
+    model, variables = trainer.model, trainer.state.variables
 
     # Each replica's gradient, computed on its own half with the noise seed that replica uses at step 0.
     expected = []
@@ -116,7 +117,7 @@ def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_com
     for var, g0, g1 in zip(variables, *expected):
         if g0 is None:
             continue
-        first_moment, _ = trainer.optimizer.slots_for(var)
+        first_moment, _ = trainer.state.optimizer.slots_for(var)
         applied_grad = first_moment.numpy() / 0.1  # after one step the first moment is (1 - beta1) * grad
         np.testing.assert_allclose(applied_grad, (g0.numpy() + g1.numpy()) / 2, rtol=2e-4,
                                    atol=1e-4 * np.abs(g0.numpy()).max() + 1e-6, err_msg=var.path)
@@ -126,7 +127,7 @@ def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_com
     assert any(not np.allclose(a.numpy(), b.numpy(), rtol=1e-2) for a, b in zip(*expected) if a is not None)
 
     # A second step moves each device's copy of the averages towards the weights of before that step.
-    shadows = [trainer.averages.shadow_for(var) for var in variables]
+    shadows = [trainer.state.averages.shadow_for(var) for var in variables]
     before = [(shadow.numpy(), var.numpy()) for shadow, var in zip(shadows, variables)]
     assert bool(trainer.train_step(batch)[1])
     rate, moved = 1.0 - cfg.optimization.ema_decay, 0
@@ -144,7 +145,7 @@ def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_com
 def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
     images = data.load_cifar10("test", cifar10_dir)[:64]
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    batches = train.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
+    batches = distribute.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
     expected = iter(data.train_dataset(images, 8, seed=3, start_step=5))
     for _ in range(3):
         per_replica = strategy.experimental_local_results(next(batches))
@@ -215,7 +216,7 @@ def test_each_posterior_trains(posterior, cifar10_dir):
         objective.append(values["objective"])
     assert np.mean(bpd[-20:]) < np.mean(bpd[:20]) - 0.2, (bpd[:20], bpd[-20:])
     assert np.mean(objective[-20:]) < np.mean(objective[:20])
-    for v in trainer.variables:
+    for v in trainer.state.variables:
         assert np.all(np.isfinite(v.numpy())), v.path
 
 
@@ -264,9 +265,9 @@ def _poisoned_trainer(cfg, poison):
 
 
 def _train_state(trainer):
-    slots = [s.numpy().copy() for v in trainer.variables for s in trainer.optimizer.slots_for(v)]
-    return ([v.numpy().copy() for v in trainer.variables], slots,
-            [s.numpy().copy() for s in trainer.averages.shadows], int(trainer.optimizer.iterations.numpy()))
+    slots = [s.numpy().copy() for v in trainer.state.variables for s in trainer.state.optimizer.slots_for(v)]
+    return ([v.numpy().copy() for v in trainer.state.variables], slots,
+            [s.numpy().copy() for s in trainer.state.averages.shadows], int(trainer.state.optimizer.iterations.numpy()))
 
 
 def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_path, cifar10_dir):
@@ -287,14 +288,14 @@ def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_pa
         for a, b in zip(old, new):
             np.testing.assert_array_equal(a, b)
     assert after[3] == before[3] == 2  # applied updates did not move
-    assert result.skipped == 2 and int(trainer.step.numpy()) == 4
+    assert result.skipped == 2 and int(trainer.state.step.numpy()) == 4
     assert any("non-finite loss or gradient, update skipped (2 in a row, 2 in all)" in line for line in lines)
 
     poison.assign(1.0)
     cfg = cfg.replace(max_steps=6)
     trainer = _poisoned_trainer(cfg, poison)
     result = train.train(cfg, trainer=trainer, print_fn=lines.append)
-    assert int(trainer.optimizer.iterations.numpy()) == 4 and result.skipped == 2
+    assert int(trainer.state.optimizer.iterations.numpy()) == 4 and result.skipped == 2
     assert not np.array_equal(_train_state(trainer)[0][0], after[0][0])
 
     # The skip counter is in TensorBoard.
@@ -310,14 +311,15 @@ def test_stops_after_max_skips_consecutive_non_finite_steps_with_a_usable_checkp
     trainer = _poisoned_trainer(cfg, poison)
     weights = {}
     train.train(cfg, trainer=trainer, print_fn=_quiet,
-                on_step=lambda record: weights.setdefault(record.step, [v.numpy().copy() for v in trainer.variables]))
+                on_step=lambda record: weights.setdefault(record.step,
+                                                          [v.numpy().copy() for v in trainer.state.variables]))
     poison.assign(float("inf"))
     cfg = cfg.replace(max_steps=0)  # would run forever but for the stop
     with pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite loss") as stop:
         train.train(cfg, trainer=_poisoned_trainer(cfg, poison), print_fn=_quiet)
     assert "holds the weights of " + str(tmp_path / "train" / "ckpt-1") in str(stop.value)
     assert latest_step(tmp_path / "train") == 5
-    fresh = train.Trainer(cfg, tf.distribute.get_strategy())
+    fresh = train.Trainer(cfg, tf.distribute.get_strategy()).state
     checkpoints.restore(fresh, tf.train.latest_checkpoint(tmp_path / "train"))  # every variable, or it raises
     assert not all(np.array_equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 2 changed them
     for a, b in zip(weights[1], fresh.variables):
@@ -367,7 +369,7 @@ def test_a_call_of_many_steps_that_passes_max_skips_stops_the_run(tmp_path, cifa
         train.train(cfg, trainer=trainer, on_step=on_step, print_fn=lines.append)
     assert [r.step for r in records[10:]] == list(range(11, 21)) and {r.steps_in_call for r in records[10:]} == {10}
     assert not any(r.applied for r in records[10:])
-    assert int(trainer.skipped.numpy()) == 10 and int(trainer.step.numpy()) == 20
+    assert int(trainer.state.skipped.numpy()) == 10 and int(trainer.state.step.numpy()) == 20
     # The streak that reached max_skips is the one reported and rolled back from.
     assert sum("update skipped" in line for line in lines) == 3
     assert "ahead of the first non-finite step, 11)" in str(stop.value)
@@ -377,7 +379,7 @@ def test_grad_clip_limits_the_applied_gradient(tmp_path, cifar10_dir):
     cfg = tiny_config(ONE_BLOCK, grad_clip=1e-3, logdir=str(tmp_path), max_steps=1, data_dir=str(cifar10_dir))
     trainer = train.Trainer(cfg, tf.distribute.get_strategy())
     train.train(cfg, trainer=trainer, print_fn=_quiet)
-    applied = [trainer.optimizer.slots_for(v)[0].numpy() / 0.1 for v in trainer.variables]
+    applied = [trainer.state.optimizer.slots_for(v)[0].numpy() / 0.1 for v in trainer.state.variables]
     assert np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in applied)) == pytest.approx(1e-3, rel=1e-3)
 
 
@@ -452,16 +454,16 @@ def test_sigkill_then_resume_keeps_step_slots_and_averages(tmp_path, cifar10_dir
 
     # The checkpoint restores into a fresh trainer with every slot and average intact.
     trainer = train.Trainer(tiny_config(seed=2), tf.distribute.get_strategy())
-    checkpoints.restore(trainer, latest)  # every variable, or it raises
-    assert int(trainer.step.numpy()) == saved_step
+    checkpoints.restore(trainer.state, latest)  # every variable, or it raises
+    assert int(trainer.state.step.numpy()) == saved_step
     keys = reader.get_variable_to_shape_map()
-    assert sum(k.startswith("model/") for k in keys) == len(trainer.variables)
-    assert sum(k.startswith("averages/") for k in keys) == len(trainer.variables)
-    assert sum(k.startswith("optimizer/_variables/") for k in keys) >= 2 * len(trainer.variables)
+    assert sum(k.startswith("model/") for k in keys) == len(trainer.state.variables)
+    assert sum(k.startswith("averages/") for k in keys) == len(trainer.state.variables)
+    assert sum(k.startswith("optimizer/_variables/") for k in keys) >= 2 * len(trainer.state.variables)
     var = trainer.model.x_enc.V
-    first, running_max = trainer.optimizer.slots_for(var)
+    first, running_max = trainer.state.optimizer.slots_for(var)
     assert np.abs(first.numpy()).max() > 0 and running_max.numpy().min() > 0
-    shadow = trainer.averages.shadow_for(var)
+    shadow = trainer.state.averages.shadow_for(var)
     assert not np.allclose(shadow.numpy(), var.numpy())  # the averages are their own values, not the weights
 
     # Restarting the same command resumes from that step and carries on.
@@ -559,9 +561,9 @@ def test_mixed_precision_computes_convs_in_bfloat16_and_keeps_float32_state():
     # The IAF blocks compute in bfloat16; the 3-channel input and output convs stay float32 (the
     # decoder's mean must resolve 1/256 bins, which bfloat16 cannot near +-0.5).
     assert _conv_dtypes(concrete) == {tf.bfloat16, tf.float32}
-    assert {tf.as_dtype(v.dtype) for v in trainer.variables} == {tf.float32}
-    assert {tf.as_dtype(s.dtype) for s in trainer.averages.shadows} == {tf.float32}
-    assert {tf.as_dtype(v.dtype) for v in trainer.optimizer.variables} <= {tf.float32, tf.int64}
+    assert {tf.as_dtype(v.dtype) for v in trainer.state.variables} == {tf.float32}
+    assert {tf.as_dtype(s.dtype) for s in trainer.state.averages.shadows} == {tf.float32}
+    assert {tf.as_dtype(v.dtype) for v in trainer.state.optimizer.variables} <= {tf.float32, tf.int64}
     step_seed = tf.constant([0, 0], tf.int32)
     out = run_model(trainer.model, images, step_seed)
     out["objective"], _ = train.loss_fn(trainer.model, images, step_seed, cfg.objective)
@@ -599,12 +601,12 @@ def test_bfloat16_training_is_finite_falls_and_tracks_float32(cifar10_dir):
 def _state(trainer):
     """Every weight, Adamax slot and moving average, by name."""
     state = {}
-    for var in trainer.variables:
-        first_moment, running_max = trainer.optimizer.slots_for(var)
+    for var in trainer.state.variables:
+        first_moment, running_max = trainer.state.optimizer.slots_for(var)
         name = var.path.split("/", 1)[1]  # without the model's own (numbered) name
         state.update({name: var.numpy(), f"{name} first moment": first_moment.numpy(),
                       f"{name} running max": running_max.numpy(),
-                      f"{name} average": trainer.averages.shadow_for(var).numpy()})
+                      f"{name} average": trainer.state.averages.shadow_for(var).numpy()})
     return state
 
 
@@ -845,3 +847,30 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_the_latest(tmp_
             {k: v for k, v in before.items() if k.startswith("ckpt-") or k == "checkpoint"}
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_max_to_keep_is_a_flag_and_keeps_that_many_checkpoints(tmp_path, cifar10_dir):
+    given = config.given_on_command_line(cli_flags("--max_to_keep", "2", "--logdir", tmp_path))
+    cfg = tiny_config(ONE_BLOCK, **given, max_steps=4, checkpoint_every=1, image_every=0, data_dir=str(cifar10_dir))
+    assert cfg.training.max_to_keep == 2
+    train.train(cfg, print_fn=_quiet)
+    assert [os.path.basename(p) for p in checkpoints.find_all(tmp_path / "train")] == ["ckpt-4", "ckpt-3"]
+
+
+def test_training_outside_the_main_thread_says_that_signals_are_not_caught(tmp_path, cifar10_dir):
+    cfg = tiny_config(ONE_BLOCK, logdir=str(tmp_path), max_steps=1, image_every=0, data_dir=str(cifar10_dir))
+    lines, failures = [], []
+
+    def run():
+        try:
+            train.train(cfg, print_fn=lines.append)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            failures.append(e)
+
+    thread = threading.Thread(target=run, name="trainer")
+    thread.start()
+    thread.join()
+    assert not failures
+    assert any(line.startswith("warning: training runs outside the main thread (trainer)") and "without a checkpoint"
+               in line for line in lines), lines
+    assert lines[-1] == "Stopped at step 1 (max_steps)."

@@ -1,0 +1,70 @@
+"""Distribution: the strategy of a run (`make_strategy`), the per-replica batches (`replica_batches`), which
+worker writes (`is_chief`) and whether the step runs its small XLA programs (`uses_xla_programs`)."""
+
+import json
+import os
+
+import tensorflow as tf
+
+from iaf_tf import data as data_lib
+from iaf_tf.devices import replica_devices
+from iaf_tf.errors import ConfigError
+
+
+def uses_xla_programs(runtime):
+    """Whether the step runs its small programs (runtime.xla_programs; auto: when the replicas are GPUs).
+    Measured on CPUs (BUILD.md, "What the CPU says"): no faster there, and seconds more to compile."""
+    if runtime.xla_programs != "auto":
+        return runtime.xla_programs == "on"
+    return bool(tf.config.list_logical_devices("GPU")) and not runtime.cpu_replicas
+
+
+def make_strategy(runtime):
+    """`mirrored`: replicas on this machine. `multi_worker`: the same loop across the machines that
+    TF_CONFIG describes (each with its own GPUs, or its CPU)."""
+    if runtime.strategy == "multi_worker":
+        _check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = replica_devices(runtime.num_gpus, runtime.cpu_replicas)
+    if len(devices) == 1:
+        return tf.distribute.get_strategy()  # the default strategy: no distribution overhead
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _check_tf_config(text):
+    howto = "see BUILD.md, 'Several machines'"
+    if not text:
+        raise ConfigError(f"--strategy=multi_worker needs TF_CONFIG describing the cluster and this task ({howto})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}); {howto}") from None
+    task = value.get("task") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict) or not isinstance(task, dict) \
+            or task.get("type") not in value["cluster"] or not isinstance(task.get("index"), int):
+        raise ConfigError(f'TF_CONFIG must be {{"cluster": {{"worker": ["host:port", ...]}}, "task": {{"type": '
+                          f'"worker", "index": N}}}} with the task in the cluster, got {text!r}; {howto}')
+
+
+def replica_batches(strategy, images, batch_size, seed, start_step):
+    """Per-replica uint8 batches: replica r of step s gets rows [r*B, (r+1)*B) of global batch s, on one
+    machine or several, so the data stream depends only on (seed, step), not on the cluster layout."""
+    num_replicas = strategy.num_replicas_in_sync
+    shape = images.shape[1:]
+
+    def dataset_fn(context):
+        local = num_replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+        stream = data_lib.train_dataset(images, batch_size * num_replicas, seed, start_step)
+        return stream.flat_map(lambda batch: tf.data.Dataset.from_tensor_slices(
+            tf.reshape(batch[first * batch_size:(first + local) * batch_size], [local, batch_size, *shape])))
+
+    return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
+def is_chief(strategy):
+    """Whether this worker writes checkpoints, summaries and pictures (the chief, or worker 0 without one)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    return task_type in (None, "chief") or (task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
