@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, config, data, datasets, train
+from iaf_tf import checkpoints, data, datasets, run_record, train
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError, NonFiniteError
 from iaf_tf.files import RunLock
@@ -714,14 +714,14 @@ def test_a_run_whose_checkpoints_all_fail_to_read_is_refused(four_step_run, tmp_
 def test_resume_and_eval_from_the_logdir_alone_with_changes_recorded(four_step_run, tmp_path, cifar10_dir):
     train_dir = _copy_run(four_step_run, tmp_path)
     env = cli_env(CIFAR10_PATH=str(cifar10_dir))
-    record = config.read_run_config(train_dir)
+    record = run_record.read(train_dir)
     assert record == tiny_config(ONE_BLOCK)
     done = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 5, "--hpconfig",
                     "learning_rate=0.001"], env=env)
     assert done.returncode == 0, done.stderr
     assert "learning_rate: 0.002 → 0.001" in done.stdout
     assert "# step 4: learning_rate 0.002 -> 0.001" in (train_dir / "hparams.cfg").read_text()
-    assert config.read_run_config(train_dir).optimization.learning_rate == 0.001
+    assert run_record.read(train_dir).optimization.learning_rate == 0.001
     refused = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 6, "--hpconfig", "h_size=16"],
                       env=env)
     assert refused.returncode == 2
@@ -790,7 +790,7 @@ def test_a_non_finite_evaluation_is_an_error_with_no_result_file(tmp_path, cifar
         shadow.assign(tf.fill(shadow.shape, float("nan")))
     (tmp_path / "run" / "train").mkdir(parents=True)
     state.checkpoint.write(str(tmp_path / "run" / "train" / "ckpt-7"))
-    (tmp_path / "run" / "train" / "hparams.cfg").write_text(config.run_config_text(cfg))
+    (tmp_path / "run" / "train" / "hparams.cfg").write_text(run_record.text(cfg))
     done = run_cli(["--mode", "eval_test", "--once", "--num_images", 10, "--logdir", tmp_path / "run"],
                    env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
     assert done.returncode == 3, done.stderr
