@@ -30,7 +30,13 @@ def _run(mode, cfg, hpconfig_given=False):
         raise errors.ConfigError("--mode convert needs --checkpoint: the TF1 checkpoint to convert (a folder, or a "
                                  "prefix like model.ckpt-3000), and --logdir: a new folder for the native one")
     files.check_writable(os.path.join(runtime.logdir, "train" if mode in ("train", "convert") else mode))
-    if runtime.strategy != "multi_worker":  # its collective ops must be set up before TensorFlow starts
+    if runtime.strategy == "multi_worker":
+        # MultiWorkerMirroredStrategy sets up its collective ops before TensorFlow starts, which listing the
+        # CPU devices (configure_cpu) would do.
+        if runtime.threads:
+            import tensorflow as tf
+            tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
+    else:
         configure_cpu(max(1, runtime.cpu_replicas), intra_op_threads=runtime.threads)
     if mode == "train":
         train.train(cfg)

@@ -40,8 +40,10 @@ class _Servable(tf.Module):
 
     def _score(self, images, seed):
         model = self._model.value
-        with tf.control_dependencies([tf.debugging.assert_positive(
-                tf.shape(images)[0], message="images: give at least one image [N, H, W, C]")]):
+        shape = [model.image_size, model.image_size, model.channels]
+        want = f"images must be uint8 [N, {', '.join(map(str, shape))}] with N >= 1"
+        with tf.control_dependencies([tf.debugging.assert_equal(tf.shape(images)[1:], shape, message=want),
+                                      tf.debugging.assert_positive(tf.shape(images)[0], message=want)]):
             images = tf.identity(images)
         out = model(images, tf.stack([seed, tf.constant(0, tf.int64)]))
         nll = out["kl"] - out["log_pxz"]

@@ -354,6 +354,8 @@ def _check_start(train_dir, start_from):
             f"{train_dir} holds checkpoints of the original TF1 code ({os.path.basename(original[0])}): train "
             f"from them in a new logdir with --checkpoint {original[0]} --logdir NEW, or convert them with "
             f"--mode convert --checkpoint {original[0]} --logdir NEW (bin/convert_checkpoint.py)")
+    if existing:
+        checkpoints.newest_readable(train_dir, say=lambda *_: None)  # none readable: refused before the lock
     if existing and start_from:
         raise CheckpointError(f"--checkpoint {start_from} starts a new run, but {train_dir} already holds one: drop "
                               "--checkpoint to resume it, or choose another --logdir")

@@ -2,13 +2,11 @@
 the loss of every variant and dataset, writes summaries, and survives what happens to long runs (NaNs,
 preemption, several machines); mixed precision and XLA against the float32 default."""
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env,
+from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, cli_env,
                             error_lines, grey_images, latest_step, random_images, read_events, read_expected,
                             run_cli, run_model, scalar_series, seed, snapshot, start_cli, tiny_config, train_args)
 
@@ -491,46 +489,8 @@ def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path, cifar10_dir
     assert len(values[0]) == 20 and values[0] == values[1]
 
 
-# ---------------------------------------------------------------- several machines
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("jit_compile", ["false", "true"])
-def test_two_workers_on_localhost_train_in_lockstep_and_only_the_chief_writes(jit_compile, tmp_path, cifar10_dir):
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    logdir = tmp_path / "run"  # shared, as on a shared file system
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "multi_worker_job.py"), str(logdir), str(cifar10_dir),
-                 ONE_BLOCK, str(tmp_path / f"weights{index}.npz"), jit_compile],
-                env=cli_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    weights = [np.load(tmp_path / f"weights{i}.npz") for i in range(2)]
-    assert len(weights[0].files) > 10
-    for name in weights[0].files:
-        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
-    assert latest_step(logdir / "train") == 3
-    assert len(list((logdir / "train").glob("events.*"))) == 1  # the chief's summaries only
-    assert not list((logdir / "train").glob(".worker*"))  # the other worker's saves were cleaned up
-    assert "Stopped at step 3" in outputs[0][0] and "Stopped at step 3" not in outputs[1][0]
+# ---------------------------------------------------------------- several machines: tests/test_faults.py runs
+# two processes of the documented command.
 
 
 # ---------------------------------------------------------------- mixed precision and XLA
