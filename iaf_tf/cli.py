@@ -160,11 +160,13 @@ def run():
 
     def parse_flags(argv):
         """absl's parsing, with its errors (an unknown flag, --max_steps=abc, --mode=evaluate) as one
-        `error:` line and exit code 2 (absl's own ends with a FATAL line and exit code 1)."""
+        `error:` line and exit code 2 (absl's own ends with a FATAL line and exit code 1), and --help as 0."""
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
             print(f"error: {e}; see {os.path.basename(argv[0])} --helpfull", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except SystemExit as e:  # --help and --helpfull: absl prints the flags, then exits 1, our code for a bug
+            sys.exit(0 if e.code == 1 else e.code)
 
     app.run(main_then_exit, flags_parser=parse_flags)
