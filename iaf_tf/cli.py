@@ -19,7 +19,7 @@ def define_flags(flags):
     config.define_flags(flags)
 
 
-def _run(mode, cfg, hpconfig_given=False):
+def _run(mode, cfg):
     from iaf_tf import convert, evaluate, files, train
     from iaf_tf.devices import configure_cpu
 
@@ -45,8 +45,7 @@ def _run(mode, cfg, hpconfig_given=False):
     elif mode == "export":
         evaluate.run_export(cfg)
     elif mode == "convert":
-        # Without --hpconfig or --preset the architecture is read off the checkpoint.
-        path, converted = convert.convert(runtime.checkpoint, runtime.logdir, cfg if hpconfig_given else None)
+        path, converted = convert.convert(runtime.checkpoint, runtime.logdir, cfg)
         print(f"wrote {path}")
         print(f"hpconfig: {converted.to_hpconfig()}")
     else:
@@ -59,9 +58,7 @@ def _config(mode, flag_values):
 
     given = config.given_on_command_line(flag_values)
     runtime = config.Config().replace(**{k: v for k, v in given.items() if k not in config.HPARAM_KEYS}).runtime
-    if mode == "convert":
-        return config.Config().replace(**given)
-    if mode != "train":
+    if mode != "train":  # the record of the run at --checkpoint or --logdir, or the architecture of a TF1 checkpoint
         cfg, changes = run_record.config_for(runtime.checkpoint or runtime.logdir, given)
         for key, (old, new) in changes.items():
             print(f"{key}: {old} → {new} (given on the command line; the run recorded {old})")
@@ -93,8 +90,7 @@ def main(argv, flag_values):
         return EXIT_USER_ERROR
     try:
         _quiet_python_logs(flag_values)
-        _run(flag_values.mode, _config(flag_values.mode, flag_values),
-             hpconfig_given=bool(flag_values.hpconfig or flag_values.preset))
+        _run(flag_values.mode, _config(flag_values.mode, flag_values))
     except errors.Interrupted as e:
         return _interrupted(e)
     except errors.NonFiniteError as e:
