@@ -84,9 +84,10 @@ def named_in_state_file(folder):
 
 
 def _exists(prefix):
+    """A checkpoint by this prefix (any name with its .index), or files of a numbered one (V1 file, .data)."""
     folder, name = os.path.split(prefix)
-    return bool(re.match(r"^(?:model\.)?ckpt-\d+$", name)) and os.path.isdir(folder or ".") and any(
-        n == name or n.startswith(name + ".") for n in os.listdir(folder or "."))
+    return os.path.isfile(prefix + ".index") or bool(re.match(r"^(?:model\.)?ckpt-\d+$", name)) and os.path.isdir(
+        folder or ".") and any(n == name or n.startswith(name + ".") for n in os.listdir(folder or "."))
 
 
 def newest_readable(path, say=print, state_file_warning=True):
