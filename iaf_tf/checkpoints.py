@@ -139,8 +139,12 @@ _READABLE = {}  # prefix -> the sizes and times of its files when every tensor o
 def _unreadable(prefix):
     """None when every tensor of the checkpoint reads, else why not (one line)."""
     folder, name = os.path.split(prefix)
-    stamp = sorted((n, os.stat(os.path.join(folder, n)).st_size, os.stat(os.path.join(folder, n)).st_mtime_ns)
-                   for n in os.listdir(folder or ".") if n == name or n.startswith(name + "."))
+    try:
+        stats = {n: os.stat(os.path.join(folder, n)) for n in os.listdir(folder or ".")
+                 if n == name or n.startswith(name + ".")}
+    except FileNotFoundError:  # removed while listed (a trainer keeps max_to_keep checkpoints)
+        return "its files were removed while it was read"
+    stamp = sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats.items())
     if _READABLE.get(prefix) == stamp:
         return None
     try:
