@@ -3,56 +3,37 @@ TF1 code, then score images, draw samples, reconstruct and encode. The CLI's eva
 these same functions (README, "Use from Python").
 """
 
-import os
+import math
+import warnings
 
+import numpy as np
 import tensorflow as tf
 
-from iaf_tf import checkpoints, noise, tf1_checkpoint
+from iaf_tf import checkpoints, noise, run_record
 from iaf_tf import config as cfg_lib
 from iaf_tf import distributions as dist
 from iaf_tf import images as images_lib
-from iaf_tf.errors import CheckpointError
+from iaf_tf.errors import ArgumentError
 from iaf_tf.likelihood import Evaluator
 
 
 def load(path, weights="ema", hpconfig="", **settings):
     """A TrainedModel from a run folder (a logdir or its train/), a native checkpoint or a TF1 one.
 
-    The hyper-parameters come from the run's record (hparams.cfg), or off a TF1 checkpoint's shapes;
-    `hpconfig` / `settings` change what may change (k, eval_batch_size, ...). weights="ema" (the default,
-    what evaluation uses) loads the moving averages, "raw" the last weights.
+    The checkpoint is the one every mode uses (`checkpoints.newest_readable`: a folder's newest readable
+    checkpoint; a skipped one is a Python warning). The hyper-parameters come from the run's record
+    (hparams.cfg), or off a TF1 checkpoint's shapes; `hpconfig` / `settings` change what may change (k,
+    eval_batch_size, ...). weights="ema" (the default, what evaluation uses) loads the moving averages,
+    "raw" the last weights.
     """
     given = dict(cfg_lib.parse_entries(hpconfig), **settings)
+    prefix = checkpoints.newest_readable(path, say=lambda message: warnings.warn(message, stacklevel=3))
     trained = TrainedModel(config_for(path, given)[0])
-    trained.load_weights(checkpoints.resolve(path), weights)
+    trained.load_weights(prefix, weights)
     return trained
 
 
-def config_for(path, given):
-    """(config, {key: (recorded, given)}) for the weights at `path`: its run's record with `given` on top
-    (a change of architecture refused), else the architecture of a TF1 checkpoint, else the defaults,
-    with `given` on top."""
-    folder = run_folder(path)
-    saved = cfg_lib.read_run_config(folder)
-    if saved is not None:
-        return cfg_lib.on_top_of(saved, given, folder)
-    try:
-        prefix = checkpoints.resolve(path)
-    except CheckpointError:
-        return cfg_lib.Config().replace(**given), {}  # no checkpoint yet: the caller says so, or waits
-    base = cfg_lib.Config()
-    if checkpoints.is_tf1(prefix):
-        from iaf_tf.convert import config_from_checkpoint
-        base = config_from_checkpoint(tf1_checkpoint.read(prefix))
-    return base.replace(**given), {}
-
-
-def run_folder(path):
-    """The folder whose hparams.cfg describes the checkpoint(s) at `path`."""
-    path = os.fspath(path).removesuffix(".index")
-    if os.path.isdir(path):
-        return os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
-    return os.path.dirname(os.path.abspath(path))
+config_for = run_record.config_for
 
 
 class TrainedModel:
@@ -76,9 +57,25 @@ class TrainedModel:
     def nll(self, images, k=None, seed=0, progress=False):
         """Per-image negative log-likelihood bound in nats, from k importance samples (default: the
         config's k), in memory that does not grow with k."""
-        k = k or self.config.objective.k
+        images = self._checked(images)
+        k = self.config.objective.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ArgumentError(f"k must be a whole number of importance samples, 1 or more; got {k!r}")
         return self._evaluator.nll(images, k=k, seed=seed, max_batch=self.config.evaluation.eval_batch_size,
                                    progress=progress, desc=f"k={k}")
+
+    def _checked(self, images):
+        """The images as a uint8 array of the model's shape; anything else (floats in [0, 1] would give a
+        plausible but wrong number) is an ArgumentError."""
+        array = images.numpy() if tf.is_tensor(images) else np.asarray(images)
+        shape = (self.model.image_size, self.model.image_size, self.model.channels)
+        want = f"uint8 images [N, {', '.join(map(str, shape))}] with N >= 1 (as the iaf_tf.datasets loaders give)"
+        if array.dtype != np.uint8:
+            hint = "; from floats in [0, 1]: (x * 255).round().astype(np.uint8)" if array.dtype.kind == "f" else ""
+            raise ArgumentError(f"images must be {want}, got {array.dtype} {list(array.shape)}{hint}")
+        if array.ndim != 4 or array.shape[1:] != shape or not len(array):
+            raise ArgumentError(f"images must be {want}, got shape {list(array.shape)}")
+        return array
 
     def score(self, nll):
         """The dataset's reported number for per-image NLLs: bits/dim (CIFAR-10) or nats/image (MNIST)."""
@@ -89,17 +86,23 @@ class TrainedModel:
 
     def sample(self, num_images, temperature=1.0, seed=0):
         """uint8 images decoded from z drawn from the prior (its noise scaled by `temperature`)."""
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise ArgumentError(f"num_images must be a whole number of images, 1 or more; got {num_images!r}")
+        if not isinstance(temperature, (int, float, np.number)) or not math.isfinite(temperature) \
+                or temperature < 0:
+            raise ArgumentError(f"temperature must be a finite number, 0 or more (0 = the prior's mean); "
+                                f"got {temperature!r}")
         return images_lib.samples(self.model, num_images, temperature, seed)
 
     def reconstruct(self, images, seed=0):
         """uint8 decoder means for one posterior sample of each image."""
-        return images_lib.reconstructions(self.model, images, seed)
+        return images_lib.reconstructions(self.model, self._checked(images), seed)
 
     def encode(self, images, seed=0):
         """The latent code: per stochastic layer, bottom-up, {"layer": (level, block), "mean", "log_scale"}
         of q(z|x)'s Gaussian before its IAF step ([N, h, w, z_size] arrays). A layer's posterior depends
         on the z drawn in the layers before it (`seed` keys those draws)."""
-        out = self.model(tf.constant(images), noise.key(seed, noise.ENCODE))
+        out = self.model(tf.constant(self._checked(images)), noise.key(seed, noise.ENCODE))
         return [{"layer": index, "mean": mean.numpy(), "log_scale": log_scale.numpy()}
                 for index, (mean, log_scale) in zip(self.model.block_index, out["posterior"])]
 

@@ -58,17 +58,19 @@ def named_variables(model):
     return variables
 
 
-_NUMBERED = re.compile(r"^(?:model\.)?ckpt-(\d+)(?:\.index)?$")
+_NUMBERED = re.compile(r"^(?:model\.)?ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)?$")
+# What reading a broken checkpoint raises (a truncated .data file: IndexError; a garbage .index: OpError).
+_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError, AssertionError)
 
 
 def find_all(folder):
     """The checkpoints in a folder, newest (highest step) first: native `ckpt-N` and the original's
-    `model.ckpt-N`, as a V2 prefix (with .index) or a V1 single file."""
+    `model.ckpt-N`, as a V2 prefix (with .index, or only its .data files left) or a V1 single file."""
     steps = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         match = _NUMBERED.match(name)
         if match:
-            steps[os.path.join(folder, name.removesuffix(".index"))] = int(match.group(1))
+            steps[os.path.join(folder, name[:match.end(1)])] = int(match.group(1))
     return sorted(steps, key=lambda prefix: -steps[prefix])
 
 
@@ -81,41 +83,86 @@ def named_in_state_file(folder):
     return match.group(1) if match else None
 
 
-def _named_by_state_file(folder):
-    """The checkpoint the folder's `checkpoint` state file names, if that exists here; an absolute path
-    from the machine that wrote it is looked up by its name in this folder."""
-    name = named_in_state_file(folder)
-    if name is None:
-        return None
-    for prefix in (os.path.join(folder, name), os.path.join(folder, os.path.basename(name))):
-        if _exists(prefix):
+def _exists(prefix):
+    """A checkpoint by this prefix (any name with its .index), or files of a numbered one (V1 file, .data)."""
+    folder, name = os.path.split(prefix)
+    return os.path.isfile(prefix + ".index") or bool(re.match(r"^(?:model\.)?ckpt-\d+$", name)) and os.path.isdir(
+        folder or ".") and any(n == name or n.startswith(name + ".") for n in os.listdir(folder or "."))
+
+
+def newest_readable(path, say=print, state_file_warning=True):
+    """THE checkpoint policy: which checkpoint `path` means, for every mode and the Python API.
+
+    `path` is a checkpoint (prefix, .index or V1 file: that one, which must read), or a folder or logdir
+    (its train/): the newest checkpoint of the folder whose every tensor reads. `say` gets a warning for
+    a `checkpoint` state file that does not name the newest file (the files are trusted) and for each newer
+    checkpoint that was skipped as unreadable. None readable: CheckpointError naming each and why.
+    """
+    path = os.fspath(path).removesuffix(".index")
+    if _exists(path):
+        why = _unreadable(path)
+        if why:
+            raise CheckpointError(f"{path} cannot be read ({why}); restore a copy, or give another checkpoint")
+        return path
+    for folder in (os.path.join(path, "train"), path):
+        found = find_all(folder)
+        if found:
+            return _newest_readable_in(folder, found, say, state_file_warning)
+    raise CheckpointError(f"no checkpoint at {path}: give a checkpoint (like .../ckpt-300 or model.ckpt-3000), "
+                          "a folder holding one, or a logdir with train/")
+
+
+def _newest_readable_in(folder, found, say, state_file_warning):
+    named = named_in_state_file(folder)
+    # The original's released model comes as a lone file, without a state file: nothing to warn about.
+    native = not os.path.basename(found[0]).startswith("model.")
+    if state_file_warning and (os.path.basename(named or "") != os.path.basename(found[0])) and (named or native):
+        say(f"warning: the 'checkpoint' state file of {folder} is missing or does not name the newest "
+            f"checkpoint; trusting the files: {os.path.basename(found[0])} is the newest")
+    failures = []
+    for prefix in found:
+        why = _unreadable(prefix)
+        if why is None:
+            for bad, bad_why in failures:
+                say(f"warning: {bad} is unreadable ({bad_why}); using the newest readable checkpoint, "
+                    f"{os.path.basename(prefix)}, instead")
             return prefix
+        failures.append((prefix, why))
+    raise CheckpointError(f"none of the checkpoints in {folder} can be read: "
+                          + "; ".join(f"{os.path.basename(p)} ({why})" for p, why in failures)
+                          + ". Nothing was changed; restore a copy, or use another --logdir")
+
+
+_READABLE = {}  # prefix -> the sizes and times of its files when every tensor of it last read
+
+
+def _unreadable(prefix):
+    """None when every tensor of the checkpoint reads, else why not (one line)."""
+    folder, name = os.path.split(prefix)
+    try:
+        stats = {n: os.stat(os.path.join(folder, n)) for n in os.listdir(folder or ".")
+                 if n == name or n.startswith(name + ".")}
+    except FileNotFoundError:  # removed while listed (a trainer keeps max_to_keep checkpoints)
+        return "its files were removed while it was read"
+    stamp = sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats.items())
+    if _READABLE.get(prefix) == stamp:
+        return None
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for tensor in reader.get_variable_to_shape_map():
+            reader.get_tensor(tensor)
+    except _READ_ERRORS as e:
+        lines = str(e).strip().splitlines()
+        if isinstance(e, tf.errors.NotFoundError) and not os.path.isfile(prefix + ".index"):
+            return "its .index file is missing"
+        return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+    _READABLE[prefix] = stamp
     return None
 
 
-def _exists(prefix):
-    return os.path.isfile(prefix + ".index") or (os.path.isfile(prefix) and _NUMBERED.match(os.path.basename(prefix)))
-
-
-def candidates(folder):
-    """Checkpoints of a folder in the order to try them: the one its state file names, then the others,
-    newest first."""
-    named = _named_by_state_file(folder)
-    return ([named] if named else []) + [p for p in find_all(folder) if p != named]
-
-
 def resolve(path):
-    """A checkpoint (native or TF1, V2 prefix or V1 file) from a prefix, a file, a checkpoint folder or a
-    logdir (its train/ folder)."""
-    path = os.fspath(path).removesuffix(".index")
-    if _exists(path):
-        return path
-    for folder in (os.path.join(path, "train"), path):
-        found = candidates(folder)
-        if found:
-            return found[0]
-    raise CheckpointError(f"no checkpoint at {path}: give a checkpoint (like .../ckpt-300 or model.ckpt-3000), "
-                          "a folder holding one, or a logdir with train/")
+    """The checkpoint `path` means, by the checkpoint policy (`newest_readable`), without warnings."""
+    return newest_readable(path, say=lambda *_: None)
 
 
 def is_tf1(prefix):

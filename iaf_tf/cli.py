@@ -9,7 +9,7 @@ import traceback
 from iaf_tf import errors  # no TensorFlow here: its log level is set in run() before it is imported
 
 # eval_<split> for every split of some dataset (a dataset refuses the splits it does not have).
-MODES = ["train", "eval_test", "eval_train", "eval_valid", "sample", "export"]
+MODES = ["train", "eval_test", "eval_train", "eval_valid", "sample", "export", "convert"]
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_BUG = 2, 3, 1
 
 
@@ -21,38 +21,49 @@ def define_flags(flags):
 
 
 def _run(mode, cfg):
-    from iaf_tf import evaluate, files, train
+    from iaf_tf import convert, evaluate, files, train
     from iaf_tf.devices import configure_cpu
 
     runtime = cfg.runtime
-    files.check_writable(os.path.join(runtime.logdir, "train" if mode == "train" else mode))
-    configure_cpu(max(1, runtime.cpu_replicas), intra_op_threads=runtime.threads)
+    if mode == "convert" and not runtime.checkpoint:
+        raise errors.ConfigError("--mode convert needs --checkpoint: the TF1 checkpoint to convert (a folder, or a "
+                                 "prefix like model.ckpt-3000), and --logdir: a new folder for the native one")
+    files.check_writable(os.path.join(runtime.logdir, "train" if mode in ("train", "convert") else mode))
+    if runtime.strategy == "multi_worker":
+        # MultiWorkerMirroredStrategy sets up its collective ops before TensorFlow starts, which listing the
+        # CPU devices (configure_cpu) would do.
+        if runtime.threads:
+            import tensorflow as tf
+            tf.config.threading.set_intra_op_parallelism_threads(runtime.threads)
+    else:
+        configure_cpu(max(1, runtime.cpu_replicas), intra_op_threads=runtime.threads)
     if mode == "train":
         train.train(cfg)
     elif mode == "sample":
         evaluate.run_sample(cfg)
     elif mode == "export":
         evaluate.run_export(cfg)
+    elif mode == "convert":
+        path, converted = convert.convert(runtime.checkpoint, runtime.logdir, cfg)
+        print(f"wrote {path}")
+        print(f"hpconfig: {converted.to_hpconfig()}")
     else:
         evaluate.run_eval(cfg, mode.split("_", 1)[1], progress=sys.stderr.isatty())
 
 
 def _config(mode, flag_values):
-    """The command line's settings on top of what the run recorded (`logdir/train/hparams.cfg`, or the
-    folder of --checkpoint for eval and sample), or on the defaults for a new run."""
-    from iaf_tf import api, config
+    """The command line's settings on top of the run's record (iaf_tf.run_record)."""
+    from iaf_tf import config, run_record
 
     given = config.given_on_command_line(flag_values)
     runtime = config.Config().replace(**{k: v for k, v in given.items() if k in ("logdir", "checkpoint")}).runtime
-    if mode != "train":
-        cfg, changes = api.config_for(runtime.checkpoint or runtime.logdir, given)
+    if mode != "train":  # the record of the run at --checkpoint or --logdir, or the architecture of a TF1 checkpoint
+        cfg, changes = run_record.config_for(runtime.checkpoint or runtime.logdir, given)
         for key, (old, new) in changes.items():
             print(f"{key}: {old} → {new} (given on the command line; the run recorded {old})")
         return cfg
-    train_dir = os.path.join(runtime.logdir, "train")
-    saved = config.read_run_config(train_dir)
-    # Training prints and records what changed on resume (loop._record_config).
-    return config.Config().replace(**given) if saved is None else config.on_top_of(saved, given, train_dir)[0]
+    # Training prints and records what changed on resume (run_record.record).
+    return run_record.for_training(os.path.join(runtime.logdir, "train"), given)
 
 
 def _raise_on_signals():
@@ -142,4 +153,15 @@ def run():
         sys.stderr.flush()
         os._exit(code)
 
-    app.run(main_then_exit)
+    def parse_flags(argv):
+        """absl's parsing, with its errors (an unknown flag, --max_steps=abc, --mode=evaluate) as one
+        `error:` line and exit code 2 (absl's own ends with a FATAL line and exit code 1), and --help as 0."""
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            print(f"error: {e}; see {os.path.basename(argv[0])} --helpfull", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        except SystemExit as e:  # --help and --helpfull: absl prints the flags, then exits 1, our code for a bug
+            sys.exit(0 if e.code == 1 else e.code)
+
+    app.run(main_then_exit, flags_parser=parse_flags)

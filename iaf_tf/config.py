@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from pathlib import Path
 
@@ -406,52 +405,3 @@ def given_on_command_line(flag_values) -> dict:
     given.update({s.name: flag_values[s.name].value for s in SETTINGS.values()
                   if s.flag and flag_values[s.name].present})
     return given
-
-
-def on_top_of(saved: Config, given: dict, source: str):
-    """The saved run's config with the given settings applied: (config, {key: (saved, given)} of the
-    hyper-parameters that changed). A change of the architecture or dataset is refused."""
-    merged = saved.replace(**given)
-    old, new = saved.architecture(), merged.architecture()
-    if old != new:
-        attribute = next(a for a in old if old[a] != new[a])
-        keys = ("depth", "num_blocks", "depths") if attribute == "level_depths" else (attribute,)
-        key = next((k for k in keys if k in given), keys[0])
-        raise ConfigError(f"{key}={_format(merged.get(key))} contradicts the run in {source}, which has "
-                          f"{key}={_format(saved.get(key))}: a run's architecture and dataset cannot change; "
-                          "drop it, or use another --logdir for a new run")
-    changes = {k: (saved.get(k), merged.get(k)) for k in HPARAM_KEYS if saved.get(k) != merged.get(k)}
-    return merged, changes
-
-
-# ---------------------------------------------------------------- a run's own record
-
-RUN_CONFIG = "hparams.cfg"
-
-
-def read_run_config(folder):
-    """The hyper-parameters saved in a run folder (logdir/train), or None if it has none."""
-    path = os.path.join(folder, RUN_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    lines = open(path).read().splitlines()
-    try:
-        return Config().parse(",".join(s for s in map(str.strip, lines) if s and not s.startswith("#")))
-    except ConfigError as e:
-        raise ConfigError(f"{path} is not a valid run record ({e}); restore it or pass --hpconfig "
-                          "in a new --logdir") from None
-
-
-def run_config_text(cfg, history=()):
-    """The run record: a header, the history of changes as comments, then one key=value per line."""
-    lines = ["# Hyper-parameters of this run, in the --hpconfig syntax (written by iaf-tf; eval, sample and "
-             "resume read them).", *history]
-    return "\n".join(lines + [f"{k}={_format(v)}" for k, v in cfg.hparams().items()]) + "\n"
-
-
-def run_config_history(folder):
-    """The change lines ("# step N: ...") of a run record."""
-    path = os.path.join(folder, RUN_CONFIG)
-    if not os.path.isfile(path):
-        return []
-    return [line for line in open(path).read().splitlines() if line.startswith("# step ")]

@@ -20,6 +20,10 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be found, read, or does not fit the model."""
 
 
+class ArgumentError(UserError, ValueError):
+    """An argument of the Python API that cannot be used (images of another dtype or shape, k < 1, ...)."""
+
+
 class NonFiniteError(UserError, RuntimeError):
     """Training met more consecutive non-finite steps than max_skips allows."""
 

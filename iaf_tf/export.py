@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from iaf_tf import files, noise
 from iaf_tf import distributions as dist
+from iaf_tf.errors import ConfigError
 from iaf_tf.model import to_uint8_images
 from iaf_tf.variables import Untracked
 
@@ -44,25 +45,39 @@ class _Servable(tf.Module):
 
     def _score(self, images, seed):
         model = self._model.value
+        shape = [model.image_size, model.image_size, model.channels]
+        want = f"images must be uint8 [N, {', '.join(map(str, shape))}] with N >= 1"
+        with tf.control_dependencies([tf.debugging.assert_equal(tf.shape(images)[1:], shape, message=want),
+                                      tf.debugging.assert_positive(tf.shape(images)[0], message=want)]):
+            images = tf.identity(images)
         out = model(images, noise.likelihood_key(seed, 0, 1, 0))  # the first pass of a k=1 evaluation
         nll = dist.importance_sampled_nll(out["log_pxz"], out["kl"], 1)
         return {"nll": nll, model.spec.unit: model.score(nll, per_image=True)}
 
     def _sample(self, num_images, temperature, seed):
+        with tf.control_dependencies([
+                tf.debugging.assert_positive(num_images, message="num_images must be a positive number of images"),
+                tf.debugging.assert_all_finite(temperature, "temperature must be finite (0 = the prior's mean)"),
+                tf.debugging.assert_non_negative(temperature, message="temperature must be 0 or more")]):
+            num_images, temperature = tf.identity(num_images), tf.identity(temperature)
         mean = self._model.value.sample(num_images, noise.key(seed, noise.SAMPLE), temperature)
         return {"images": to_uint8_images(mean)}
 
 
 def export(trained, out_dir):
-    """Write a SavedModel of `trained` (an api.TrainedModel with its weights loaded) to out_dir."""
+    """Write a SavedModel of `trained` (an api.TrainedModel with its weights loaded) to out_dir, which must
+    not exist: an export is never replaced. On a failure nothing of it is left, nor a folder made for it."""
+    out_dir = out_dir.rstrip("/")
     files.check_writable(out_dir, "--logdir")
+    if os.path.exists(out_dir):
+        raise ConfigError(f"{out_dir} already exists: an export is never replaced; remove it to export again, "
+                          "or use another --logdir")
     servable = _Servable(trained.model)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    try:
-        tf.saved_model.save(servable, tmp, signatures={"score": servable.score, "sample": servable.sample})
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out_dir + ".tmp"
+    with files.nothing_left_on_failure(os.path.dirname(out_dir)):
+        try:
+            tf.saved_model.save(servable, tmp, signatures={"score": servable.score, "sample": servable.sample})
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -1,8 +1,10 @@
 """Writing files so that nothing is left half-written: a writability check before the work starts, and
 atomic writes (a temporary file renamed into place)."""
 
+import contextlib
 import fcntl
 import os
+import shutil
 import socket
 
 from iaf_tf.errors import ConfigError
@@ -32,6 +34,30 @@ def write_atomically(path, content):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def nothing_left_on_failure(folder, close=lambda: None):
+    """Make `folder` if needed; if the block fails (a full disk, a signal), remove what it made there, and
+    the folders made for it. `close` first closes what writes there (a TensorBoard writer would make its
+    file again when it flushes)."""
+    folder = os.path.abspath(folder)
+    made, path = None, folder  # the outermost folder made here
+    while not os.path.exists(path):
+        made, path = path, os.path.dirname(path)
+    before = set(os.listdir(folder)) if made is None else set()
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        close()
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+            raise
+        for name in set(os.listdir(folder)) - before:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        raise
 
 
 class RunLock:

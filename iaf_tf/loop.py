@@ -9,8 +9,7 @@ import time
 
 import tensorflow as tf
 
-from iaf_tf import checkpoints, datasets, distribute, files
-from iaf_tf import config as cfg_lib
+from iaf_tf import checkpoints, datasets, distribute, files, run_record
 from iaf_tf import data as data_lib
 from iaf_tf.checkpoint_writer import CheckpointWriter, roll_back
 from iaf_tf.errors import CheckpointError, NonFiniteError
@@ -52,12 +51,13 @@ def run(config, trainer=None, on_step=None, print_fn=print):
     is_chief = distribute.is_chief(trainer.strategy)
     say = print_fn if is_chief else (lambda *_: None)
     _check_start(train_dir, config.runtime.checkpoint)
+    started_from = _load_start(trainer, train_dir, config.runtime.checkpoint, say)
     with files.RunLock(train_dir) if is_chief else contextlib.nullcontext():
         saver = CheckpointWriter(trainer.state, train_dir, trainer.strategy, is_chief)
         say(f"Num trainable variables: {count_trainable_parameters(trainer.model)}")
-        _restore_or_start(trainer, saver, images, say)
+        _restore_or_start(trainer, saver, images, say, started_from)
         if is_chief:
-            _record_config(train_dir, config, int(trainer.state.step.numpy()), say)
+            run_record.record(train_dir, config, int(trainer.state.step.numpy()), say)
         log = TrainLog(trainer.state, train_dir, is_chief, say, images[:PICTURES // 2])
         streak = SkipStreak(config.training.max_skips)
         status, metrics = _loop(trainer, images, saver, log, streak, on_step, say)
@@ -66,7 +66,7 @@ def run(config, trainer=None, on_step=None, print_fn=print):
             kept = roll_back(trainer.state, saver, streak.start)
             raise NonFiniteError(
                 f"stopped at step {int(trainer.state.step.numpy())}: {streak.length} consecutive steps had a "
-                f"non-finite loss or gradient (max_skips={config.training.max_skips}). {kept} Try a lower "
+                f"{log.skip_reason} (max_skips={config.training.max_skips}). {kept} Try a lower "
                 "learning_rate, grad_clip>0 or skip_threshold>0 in --hpconfig.")
     result = TrainResult(int(trainer.state.step.numpy()), status, {k: float(v) for k, v in metrics.items()},
                          int(trainer.state.skipped.numpy()))
@@ -153,23 +153,32 @@ def _steps_to_boundary(step, training, log):
     return count
 
 
-# ------------------------------------------------------- starting or resuming a run (moved as a block)
+# ------------------------------------------------------------------- starting or resuming a run
 
-def _restore_or_start(trainer, saver, images, say):
+def _load_start(trainer, train_dir, start_from, say):
+    """The --checkpoint a new run starts from, restored (so checked against the config) before anything is
+    written; returns its prefix, or None."""
+    if not start_from or checkpoints.find_all(train_dir):
+        return None
+    prefix = checkpoints.newest_readable(start_from, say)
+    checkpoints.restore(trainer.state, prefix)
+    return prefix
+
+
+def _restore_or_start(trainer, saver, images, say, started_from):
     """Resume from the newest readable checkpoint of the run; in a folder with no checkpoint files at all,
-    start from --checkpoint or from the data-dependent init (saved as the first checkpoint)."""
-    existing = checkpoints.find_all(saver.train_dir)
-    start_from = trainer.config.runtime.checkpoint
-    if existing:
-        prefix = _restore_newest_readable(trainer.state, saver.train_dir, existing, say)
+    start from --checkpoint (already restored: `started_from`) or from the data-dependent init (saved as
+    the first checkpoint)."""
+    if checkpoints.find_all(saver.train_dir):
+        prefix = checkpoints.newest_readable(saver.train_dir, say)
+        checkpoints.restore(trainer.state, prefix)
         saver.saved_step = int(trainer.state.step.numpy())
         say(f"Resumed from {prefix} at step {saver.saved_step}")
         return
-    if start_from:
-        prefix = checkpoints.resolve(start_from)
-        step = checkpoints.restore(trainer.state, prefix)
-        say(f"Starting a new run from {checkpoints.describe(prefix)}: weights, moving averages, optimizer state "
-            f"and step {step}")
+    if started_from:
+        step = int(trainer.state.step.numpy())
+        say(f"Starting a new run from {checkpoints.describe(started_from)}: weights, moving averages, optimizer "
+            f"state and step {step}")
         saver.save(step)
         return
     say("Initializing parameters.")
@@ -189,44 +198,9 @@ def _check_start(train_dir, start_from):
         raise CheckpointError(
             f"{train_dir} holds checkpoints of the original TF1 code ({os.path.basename(original[0])}): train "
             f"from them in a new logdir with --checkpoint {original[0]} --logdir NEW, or convert them with "
-            "bin/convert_checkpoint.py")
+            f"--mode convert --checkpoint {original[0]} --logdir NEW (bin/convert_checkpoint.py)")
+    if existing:
+        checkpoints.newest_readable(train_dir, say=lambda *_: None)  # none readable: refused before the lock
     if existing and start_from:
         raise CheckpointError(f"--checkpoint {start_from} starts a new run, but {train_dir} already holds one: drop "
                               "--checkpoint to resume it, or choose another --logdir")
-
-
-def _restore_newest_readable(trainer, train_dir, existing, say):
-    """Restore the newest checkpoint that reads; say which newer ones did not, and where the state file
-    disagrees with the files. Returns the prefix restored."""
-    named = checkpoints.named_in_state_file(train_dir)
-    if named is None or os.path.basename(named) != os.path.basename(existing[0]):
-        say(f"warning: the 'checkpoint' state file of {train_dir} is missing or does not name the newest "
-            f"checkpoint; trusting the files: {os.path.basename(existing[0])} is the newest")
-    failures = []
-    for prefix in existing:
-        try:
-            checkpoints.restore(trainer, prefix)
-            for bad, why in failures:
-                say(f"warning: {bad} is unreadable ({why}); resumed from the newest readable checkpoint instead")
-            return prefix
-        except CheckpointError:
-            raise
-        except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
-            failures.append((prefix, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
-    raise CheckpointError(f"none of the checkpoints in {train_dir} can be read: "
-                          + "; ".join(f"{os.path.basename(p)} ({why})" for p, why in failures)
-                          + ". Nothing was changed; restore a copy, or use another --logdir")
-
-
-def _record_config(train_dir, config, step, say):
-    """Write the run's hyper-parameters beside its checkpoints; on resume, record what changed."""
-    saved = cfg_lib.read_run_config(train_dir)
-    history = cfg_lib.run_config_history(train_dir)
-    if saved is not None:
-        _, changes = cfg_lib.on_top_of(saved, config.hparams(), train_dir)
-        if not changes:
-            return
-        for key, (old, new) in changes.items():
-            say(f"{key}: {old} → {new} (was saved in {train_dir})")
-        history.append(f"# step {step}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
-    files.write_atomically(os.path.join(train_dir, cfg_lib.RUN_CONFIG), cfg_lib.run_config_text(config, history))

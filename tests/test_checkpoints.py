@@ -128,17 +128,74 @@ def test_find_all_lists_native_and_original_checkpoints_newest_first(tmp_path):
     assert checkpoints.find_all(tmp_path) == [str(tmp_path / n) for n in ("model.ckpt-100", "ckpt-20", "ckpt-3")]
 
 
-@pytest.mark.parametrize("named,expected", [
-    ("ckpt-3", "ckpt-3"),                                # the state file wins where its file exists
-    ("/elsewhere/train/ckpt-3", "ckpt-3"),               # a foreign absolute path: looked up by name here
-    ("ckpt-99", "ckpt-20"),                              # names a missing file: the newest file
-])
-def test_resolve_a_folder_from_its_state_file_or_by_scanning(named, expected, tmp_path):
-    _touch_checkpoint(tmp_path, "ckpt-3")
-    _touch_checkpoint(tmp_path, "ckpt-20")
-    (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "{named}"\n')
-    assert checkpoints.resolve(tmp_path) == str(tmp_path / expected)
-    assert checkpoints.resolve(tmp_path.parent / tmp_path.name / f"{expected}.index") == str(tmp_path / expected)
+def _write_checkpoint(folder, name):
+    """A small real checkpoint at folder/name (every tensor of it reads)."""
+    return tf.train.Checkpoint(v=tf.Variable(tf.range(1000.0))).write(str(folder / name))
+
+
+# The checkpoint policy (issue 22): the newest checkpoint file that reads, whatever the state file says;
+# a state file that disagrees is said, as training's resume always did.
+@pytest.mark.parametrize("named", ["ckpt-3", "/elsewhere/train/ckpt-3", "ckpt-99", "ckpt-20",
+                                   "/elsewhere/train/ckpt-20", None])
+def test_a_folder_means_its_newest_checkpoint_file_and_a_disagreeing_state_file_is_said(named, tmp_path):
+    _write_checkpoint(tmp_path, "ckpt-3")
+    _write_checkpoint(tmp_path, "ckpt-20")
+    (tmp_path / "checkpoint").unlink(missing_ok=True)
+    if named:
+        (tmp_path / "checkpoint").write_text(f'model_checkpoint_path: "{named}"\n')
+    said = []
+    assert checkpoints.newest_readable(tmp_path, said.append) == str(tmp_path / "ckpt-20")
+    if named and named.endswith("ckpt-20"):
+        assert said == []
+    else:
+        assert said == [f"warning: the 'checkpoint' state file of {tmp_path} is missing or does not name the newest "
+                        "checkpoint; trusting the files: ckpt-20 is the newest"]
+    for given in ("ckpt-3", "ckpt-3.index"):  # a checkpoint named explicitly is that one
+        assert checkpoints.newest_readable(tmp_path / given, said.append) == str(tmp_path / "ckpt-3")
+
+
+def _break(folder, fault):
+    """Make folder's newest checkpoint (ckpt-20) unreadable, or add an unreadable newer one."""
+    data, index = folder / "ckpt-20.data-00000-of-00001", folder / "ckpt-20.index"
+    if fault == "truncated .data":
+        data.write_bytes(data.read_bytes()[:100])
+    elif fault == "garbage .index":
+        index.write_bytes(b"garbage" * 20)
+    elif fault == "lost .index":
+        index.unlink()
+    else:
+        (folder / "model.ckpt-100").write_text("not a checkpoint\n")
+
+
+_REASONS = {"truncated .data": "IndexError: Read less bytes than requested", "garbage .index": "bad magic number",
+            "lost .index": "its .index file is missing", "a text model.ckpt-100": "DataLossError"}
+
+
+@pytest.mark.parametrize("fault", list(_REASONS))
+def test_an_unreadable_newest_checkpoint_is_skipped_and_named(fault, tmp_path):
+    _write_checkpoint(tmp_path, "ckpt-3")
+    _write_checkpoint(tmp_path, "ckpt-20")
+    _break(tmp_path, fault)
+    bad = "model.ckpt-100" if fault.startswith("a text") else "ckpt-20"
+    good = "ckpt-20" if fault.startswith("a text") else "ckpt-3"
+    said = []
+    assert checkpoints.newest_readable(tmp_path, said.append) == str(tmp_path / good)
+    [warning] = [line for line in said if " is unreadable (" in line]
+    assert warning.startswith(f"warning: {tmp_path / bad} is unreadable (") and warning.endswith(
+        f"); using the newest readable checkpoint, {good}, instead")
+    assert _REASONS[fault] in warning
+    with pytest.raises(CheckpointError, match=f"{tmp_path / bad} cannot be read"):
+        checkpoints.newest_readable(tmp_path / bad, said.append)
+
+
+def test_a_folder_whose_checkpoints_all_fail_to_read_is_refused_naming_each(tmp_path):
+    _write_checkpoint(tmp_path, "ckpt-3")
+    _write_checkpoint(tmp_path, "ckpt-20")
+    (tmp_path / "ckpt-3.index").unlink()
+    _break(tmp_path, "truncated .data")
+    with pytest.raises(CheckpointError, match=r"none of the checkpoints in .* can be read: ckpt-20 \(IndexError: "
+                       r"Read less bytes than requested\); ckpt-3 \(its .index file is missing\)"):
+        checkpoints.newest_readable(tmp_path)
 
 
 def test_describe_says_format_and_step(reference_dir, tmp_path):

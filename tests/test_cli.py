@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import cli, config
+from iaf_tf import cli, config, run_record
 from tests.fixtures import (ONE_BLOCK, ROOT, cli_env, cli_flags, error_lines, latest_step, run_cli, start_cli,
                             train_args)
 
@@ -152,7 +152,7 @@ def test_checkpoint_from_another_configuration_names_each_variable(tmp_path, cif
         done.stderr[-2000:]
     assert sorted(p.name for p in train_dir.iterdir()) == before  # nothing written
     # ...and without the record (a run from before records), the checkpoint's shapes do.
-    (train_dir / config.RUN_CONFIG).unlink()
+    (train_dir / run_record.FILE).unlink()
     before = sorted(p.name for p in train_dir.iterdir())
     done = run_cli(other)
     assert done.returncode != 0

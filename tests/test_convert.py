@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from iaf_tf import checkpoints, config, convert, tf1_checkpoint
+from iaf_tf import checkpoints, convert, run_record, tf1_checkpoint
 from iaf_tf.checkpoints import TrainState
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError
@@ -19,7 +19,7 @@ def test_convert_writes_a_native_run_with_every_weight_average_and_slot(referenc
     path, cfg = convert.convert(reference_dir, tmp_path)
     assert path == str(tmp_path / "train" / "ckpt-3000")
     assert cfg.model.level_depths == [2, 2] and (cfg.model.h_size, cfg.model.z_size, cfg.model.depth_ar) == (32, 8, 2)
-    assert config.read_run_config(tmp_path / "train") == cfg
+    assert run_record.read(tmp_path / "train") == cfg
     assert not checkpoints.is_tf1(path)
     state = TrainState(cfg)
     assert checkpoints.restore(state, path) == 3000  # every variable, or it raises

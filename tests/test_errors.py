@@ -17,10 +17,12 @@ ERROR_CLASSES = [c for c in vars(errors).values()
 
 
 def test_every_error_class_is_a_user_error_with_its_builtin_base():
-    assert {c.__name__ for c in ERROR_CLASSES} == {"ConfigError", "DataError", "CheckpointError", "NonFiniteError"}
+    assert {c.__name__ for c in ERROR_CLASSES} == {"ConfigError", "DataError", "CheckpointError", "NonFiniteError",
+                                                   "ArgumentError"}
     assert all(issubclass(c, errors.UserError) for c in ERROR_CLASSES)
     # Callers that caught the builtin exceptions before still do.
     assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.CheckpointError, ValueError)
+    assert issubclass(errors.ArgumentError, ValueError)
     assert issubclass(errors.DataError, RuntimeError) and issubclass(errors.NonFiniteError, RuntimeError)
     # A signal is neither an error of the user's nor an Exception that `except Exception` would swallow.
     assert not issubclass(errors.Interrupted, Exception)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import cli, config, data, datasets, imagenet, train
+from iaf_tf import cli, config, data, datasets, distribute, imagenet, run_record
 from iaf_tf.errors import DataError
 from tests.fixtures import ONE_BLOCK, cli_flags, error_lines
 
@@ -148,7 +148,7 @@ def test_memory_mapped_batches_equal_in_memory_batches_and_resume_at_any_step(tm
     for a, b in zip(in_memory[4:], resumed):
         np.testing.assert_array_equal(a, b)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    batches = train.replica_batches(strategy, mapped, batch_size=4, seed=5, start_step=4)
+    batches = distribute.replica_batches(strategy, mapped, batch_size=4, seed=5, start_step=4)
     for expected in in_memory[4:]:
         per_replica = strategy.experimental_local_results(next(batches))
         np.testing.assert_array_equal(np.concatenate([b.numpy() for b in per_replica]), expected)
@@ -311,5 +311,5 @@ def test_imagenet64_preset_trains(tmp_path, extra, capsys, monkeypatch):
                 "--data_dir", tmp_path / "data", "--max_steps", 3) == 0
     out = capsys.readouterr().out
     assert "Stopped at step 3 (max_steps)" in out
-    recorded = config.read_run_config(tmp_path / "run" / "train")
+    recorded = run_record.read(tmp_path / "run" / "train")
     assert (recorded.data.dataset, recorded.data.image_size, recorded.model.level_depths) == ("imagenet64", 64, [1, 1])

@@ -2,13 +2,11 @@
 the loss of every variant and dataset, writes summaries, and survives what happens to long runs (NaNs,
 preemption, several machines); mixed precision and XLA against the float32 default."""
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -16,14 +14,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, config, data, datasets, distribute, train
+from iaf_tf import checkpoints, config, data, datasets, distribute, run_record, train
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError, NonFiniteError
 from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
+from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
                             error_lines, grey_images, latest_step, random_images, read_events, read_expected,
                             run_cli, run_model, scalar_series, seed, snapshot, start_cli, tiny_config, train_args)
 
@@ -493,46 +491,8 @@ def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path, cifar10_dir
     assert len(values[0]) == 20 and values[0] == values[1]
 
 
-# ---------------------------------------------------------------- several machines
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("jit_compile", ["false", "true"])
-def test_two_workers_on_localhost_train_in_lockstep_and_only_the_chief_writes(jit_compile, tmp_path, cifar10_dir):
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    logdir = tmp_path / "run"  # shared, as on a shared file system
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "multi_worker_job.py"), str(logdir), str(cifar10_dir),
-                 ONE_BLOCK, str(tmp_path / f"weights{index}.npz"), jit_compile],
-                env=cli_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    weights = [np.load(tmp_path / f"weights{i}.npz") for i in range(2)]
-    assert len(weights[0].files) > 10
-    for name in weights[0].files:
-        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
-    assert latest_step(logdir / "train") == 3
-    assert len(list((logdir / "train").glob("events.*"))) == 1  # the chief's summaries only
-    assert not list((logdir / "train").glob(".worker*"))  # the other worker's saves were cleaned up
-    assert "Stopped at step 3" in outputs[0][0] and "Stopped at step 3" not in outputs[1][0]
+# ---------------------------------------------------------------- several machines: tests/test_faults.py runs
+# two processes of the documented command.
 
 
 # ---------------------------------------------------------------- mixed precision and XLA
@@ -716,14 +676,14 @@ def test_a_run_whose_checkpoints_all_fail_to_read_is_refused(four_step_run, tmp_
 def test_resume_and_eval_from_the_logdir_alone_with_changes_recorded(four_step_run, tmp_path, cifar10_dir):
     train_dir = _copy_run(four_step_run, tmp_path)
     env = cli_env(CIFAR10_PATH=str(cifar10_dir))
-    record = config.read_run_config(train_dir)
+    record = run_record.read(train_dir)
     assert record == tiny_config(ONE_BLOCK)
     done = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 5, "--hpconfig",
                     "learning_rate=0.001"], env=env)
     assert done.returncode == 0, done.stderr
     assert "learning_rate: 0.002 → 0.001" in done.stdout
     assert "# step 4: learning_rate 0.002 -> 0.001" in (train_dir / "hparams.cfg").read_text()
-    assert config.read_run_config(train_dir).optimization.learning_rate == 0.001
+    assert run_record.read(train_dir).optimization.learning_rate == 0.001
     refused = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 6, "--hpconfig", "h_size=16"],
                       env=env)
     assert refused.returncode == 2
@@ -792,7 +752,7 @@ def test_a_non_finite_evaluation_is_an_error_with_no_result_file(tmp_path, cifar
         shadow.assign(tf.fill(shadow.shape, float("nan")))
     (tmp_path / "run" / "train").mkdir(parents=True)
     state.checkpoint.write(str(tmp_path / "run" / "train" / "ckpt-7"))
-    (tmp_path / "run" / "train" / "hparams.cfg").write_text(config.run_config_text(cfg))
+    (tmp_path / "run" / "train" / "hparams.cfg").write_text(run_record.text(cfg))
     done = run_cli(["--mode", "eval_test", "--once", "--num_images", 10, "--logdir", tmp_path / "run"],
                    env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
     assert done.returncode == 3, done.stderr
