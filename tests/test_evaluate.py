@@ -12,16 +12,15 @@ import tensorflow as tf
 
 from iaf_tf import checkpoints, convert, data, datasets, evaluate, train
 from iaf_tf.config import load_preset
-from tests.fixtures import ONE_BLOCK, published_bits_per_dim, read_events, run_cli, tiny_config
+from tests.fixtures import ONE_BLOCK, published_bits_per_dim, read_events, run_main, tiny_config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 10])
 def test_eval_test_mode_reproduces_the_original(k, reference_dir, expected, cifar10_dir, tmp_path):
     """`--mode eval_test` on the original's own TF1 checkpoint (moving averages), first 2000 test images."""
-    done = run_cli(["--mode", "eval_test", "--logdir", tmp_path, "--preset", "tf1_small", "--hpconfig", f"k={k}",
-                    "--checkpoint", reference_dir, "--once", "--num_images", "2000", "--data_dir", cifar10_dir],
-                   timeout=600)
+    done = run_main(["--mode", "eval_test", "--logdir", tmp_path, "--preset", "tf1_small", "--hpconfig", f"k={k}",
+                     "--checkpoint", reference_dir, "--once", "--num_images", "2000", "--data_dir", cifar10_dir])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Step: 3000 Score: " in done.stdout
     result = json.loads((tmp_path / "eval_test" / "result-3000.json").read_text())

@@ -43,6 +43,7 @@ def test_sample_signature_draws_uint8_images(exported):
     assert np.abs(cold.numpy().astype(int) - cold.numpy()[:1].astype(int)).max() <= 1
 
 
+@pytest.mark.e2e
 def test_plain_tensorflow_loads_it_without_iaf_tf(exported, cifar10_dir, expected):
     """In a process where iaf_tf cannot be imported: the reference's bits/dim on the first 200 test images
     (with the SavedModel's own noise), and samples of the right shape and dtype."""

@@ -489,6 +489,7 @@ print(float(trainer.train_step(tf.constant(images))[0]["objective"]))
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.e2e
 def test_grappler_remapper_succeeds_on_the_training_step(precision):
     hpconfig = TWO_BLOCKS_PER_LEVEL + (",mixed_precision=True" if precision == "bfloat16" else "")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", PYTHONPATH=str(ROOT))
