@@ -15,6 +15,7 @@ from iaf_tf.errors import CheckpointError
 from tests.fixtures import ROOT, assert_holds_tf1_checkpoint, cli_env, run_main
 
 
+@pytest.mark.slow
 def test_convert_writes_a_native_run_with_every_weight_average_and_slot(reference_dir, tf1_reference, tmp_path):
     path, cfg = convert.convert(reference_dir, tmp_path)
     assert path == str(tmp_path / "train" / "ckpt-3000")

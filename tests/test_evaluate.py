@@ -29,6 +29,7 @@ def test_eval_test_mode_reproduces_the_original(k, reference_dir, expected, cifa
     assert f"Score: {result['bits_per_dim']:.4f}" in done.stdout
 
 
+@pytest.mark.slow
 def test_eval_writes_scalars_pictures_and_json_and_watches_for_new_checkpoints(reference_dir, cifar10_dir,
                                                                               tmp_path):
     path, cfg = convert.convert(reference_dir, tmp_path)
@@ -101,6 +102,7 @@ def test_mnist_is_evaluated_in_nats_per_image_on_a_fixed_binarization(mnist_dir,
     assert lines[-1] == f"Step: 0 Score: {first['nats_per_image']:.4f}"
 
 
+@pytest.mark.slow
 def test_export_mode_writes_a_saved_model_of_the_averages(reference_dir, tmp_path):
     cfg = load_preset("tf1_small").replace(logdir=str(tmp_path), checkpoint=str(reference_dir))
     lines = []

@@ -21,6 +21,7 @@ def exported(reference_prefix, tmp_path_factory):
     return trained, export.export(trained, str(tmp_path_factory.mktemp("export") / "step-3000"))
 
 
+@pytest.mark.slow
 def test_score_signature_is_the_negative_elbo(exported, cifar10_dir):
     trained, out_dir = exported
     images = data.load_cifar10("test", cifar10_dir)[:3]
@@ -32,6 +33,7 @@ def test_score_signature_is_the_negative_elbo(exported, cifar10_dir):
     np.testing.assert_allclose(got["bits_per_dim"].numpy(), nll / (math.log(2) * 3072), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sample_signature_draws_uint8_images(exported):
     trained, out_dir = exported
     sample = tf.saved_model.load(out_dir).signatures["sample"]

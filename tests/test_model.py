@@ -251,6 +251,7 @@ def test_unequal_levels_build_run_and_sample(depths, sizes):
     assert model.sample(2, tf.constant([1, 1])).shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_table3_preset_has_twenty_layers_at_16_and_8():
     model = make_model(load_preset("table3")).build_for(1)
     assert len(model.blocks) == 20

@@ -95,6 +95,7 @@ def test_loss_fn_reports_mnist_in_nats_per_image():
 # xla_programs="on" is what a GPU runs without jit_compile: the update and the small programs compiled.
 @pytest.mark.parametrize("kl_min, jit_compile, xla_programs", [(0.0, False, "off"), (0.5, False, "off"),
                                                                (0.5, False, "on"), (0.5, True, "auto")])
+@pytest.mark.slow
 def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_compile, xla_programs, cifar10_dir):
     cfg = tiny_config(num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile, xla_programs=xla_programs)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -157,6 +158,7 @@ def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
 # ---------------------------------------------------------------- the loop lowers the loss
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     cfg = load_preset("cpu_quick").replace(logdir=str(tmp_path), max_steps=300, summary_every=20,
                                            checkpoint_every=100, seed=1, data_dir=str(cifar10_dir))
@@ -182,6 +184,7 @@ def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     assert result.skipped == 0
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_of_the_moving_averages_every_image_every_steps(tmp_path, cifar10_dir):
     cfg = tiny_config(ONE_BLOCK, logdir=str(tmp_path), max_steps=4, image_every=2, data_dir=str(cifar10_dir))
     train.train(cfg, print_fn=_quiet)
@@ -270,6 +273,7 @@ def _train_state(trainer):
             [s.numpy().copy() for s in trainer.averages.shadows], int(trainer.optimizer.iterations.numpy()))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_path, cifar10_dir):
     # Each call resumes from the checkpoint the previous one left in logdir/train.
     cfg = tiny_config(ONE_BLOCK, max_skips=3, logdir=str(tmp_path), max_steps=2, data_dir=str(cifar10_dir))
@@ -302,6 +306,7 @@ def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_pa
     assert max(scalar_series(tmp_path / "train", "train/skipped_steps").values()) == 2
 
 
+@pytest.mark.slow
 def test_stops_after_max_skips_consecutive_non_finite_steps_with_a_usable_checkpoint(tmp_path, cifar10_dir):
     # The update just before the first non-finite step may be what broke the weights, so after the stop the
     # newest checkpoint holds those of a checkpoint from before it: with one every step, step 1's.
@@ -822,6 +827,7 @@ def test_train_starts_a_new_run_from_a_tf1_checkpoint_but_refuses_one_in_its_own
     assert snapshot(tmp_path / "tf1") == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_the_latest(tmp_path, cifar10_dir):
     mount = tmp_path / "small"
     mount.mkdir()
