@@ -619,30 +619,39 @@ def _state(trainer):
     return state
 
 
+def _three_steps(setup, images):
+    """(initial state, objective of each of three steps, state after them) of a TWO_BLOCKS_PER_LEVEL trainer;
+    setup: "plain", "programs" (the GPU's default without jit: the update, weight norm and noise as XLA
+    programs) or "jit"."""
+    cfg = tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=setup == "jit",
+                      xla_programs="on" if setup == "programs" else "off")
+    trainer = train.Trainer(cfg, tf.distribute.get_strategy())
+    trainer.initialize(images[:4])
+    initial = _state(trainer)
+    losses = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"]) for i in range(3)]
+    return initial, losses, _state(trainer)
+
+
+@pytest.fixture(scope="module")
+def plain_steps(cifar10_dir):
+    """_three_steps("plain"), made once for both compiled setups."""
+    return _three_steps("plain", data.load_cifar10("train", cifar10_dir)[:12])
+
+
 @pytest.mark.slow
-def test_a_jit_step_and_a_plain_step_from_the_same_state_and_seed_agree(cifar10_dir):
-    # Also the GPU's default without jit (xla_programs: the update, weight norm and noise as programs).
-    images = data.load_cifar10("train", cifar10_dir)[:12]
-    losses, states = {}, {}
-    for setup in ("plain", "programs", "jit"):
-        cfg = tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=setup == "jit",
-                          xla_programs="on" if setup == "programs" else "off")
-        trainer = train.Trainer(cfg, tf.distribute.get_strategy())
-        trainer.initialize(images[:4])
-        initial = _state(trainer)
-        losses[setup] = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"])
-                         for i in range(3)]
-        states[setup] = _state(trainer)
-    assert losses["plain"][0] != losses["plain"][1]  # the steps really trained
-    for setup in ("programs", "jit"):
-        np.testing.assert_allclose(losses[setup], losses["plain"], rtol=1e-5, err_msg=setup)
-        moved = 0
-        for name, plain in states["plain"].items():
-            # Relative to each tensor's largest entry: entries near zero have no relative precision.
-            np.testing.assert_allclose(states[setup][name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
-                                       err_msg=f"{setup}: {name}")
-            moved += not np.array_equal(plain, initial[name])
-        assert moved >= len(states["plain"]) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
+@pytest.mark.parametrize("setup", ["programs", "jit"])
+def test_a_jit_step_and_a_plain_step_from_the_same_state_and_seed_agree(setup, plain_steps, cifar10_dir):
+    _, plain_losses, plain_state = plain_steps
+    initial, losses, state = _three_steps(setup, data.load_cifar10("train", cifar10_dir)[:12])
+    assert plain_losses[0] != plain_losses[1]  # the steps really trained
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5, err_msg=setup)
+    moved = 0
+    for name, plain in plain_state.items():
+        # Relative to each tensor's largest entry: entries near zero have no relative precision.
+        np.testing.assert_allclose(state[name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
+                                   err_msg=f"{setup}: {name}")
+        moved += not np.array_equal(plain, initial[name])
+    assert moved >= len(plain_state) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
 
 
 def test_xla_programs_are_for_gpus_unless_set():
