@@ -2,7 +2,9 @@
 tiny configurations, synthetic images, the model's per-image bound, the command-line runners, TensorBoard
 event readers and the raster-order oracle of the autoregressive masks."""
 
+import contextlib
 import functools
+import io
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from absl import flags
 
@@ -156,6 +159,23 @@ def cli_flags(*args):
     flags.DEFINE_integer("verbosity", -1, "absl logging verbosity", flag_values=flag_values)
     flag_values(["iaf.py", *map(str, args)])
     return flag_values
+
+
+def run_main(args, **environment):
+    """bin/iaf.py's cli.main with these arguments in this process, with these environment variables set for
+    the call: a CompletedProcess of its exit code and what it printed (Python's stdout and stderr), as
+    run_cli returns for a child process, without a child importing TensorFlow and tracing from nothing.
+    This process's CPU is configured already (conftest.py: two logical devices), so the command's own
+    configure_cpu, which only works before the first op, is left out."""
+    from iaf_tf import cli, devices
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(devices, "configure_cpu", lambda *_, **__: tf.config.list_logical_devices("CPU"))
+        for name, value in environment.items():
+            patch.setenv(name, str(value))
+        code = cli.main(["iaf.py"], cli_flags(*args))
+    return subprocess.CompletedProcess([str(a) for a in args], code, out.getvalue(), err.getvalue())
 
 
 def latest_step(train_dir):

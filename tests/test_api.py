@@ -26,6 +26,7 @@ def test_load_a_tf1_checkpoint_reads_its_architecture_and_takes_its_averages(tra
     np.testing.assert_array_equal(raw.model.x_enc.V.numpy(), tf1_reference.weights["x_enc/V"])
 
 
+@pytest.mark.slow
 def test_load_a_run_folder_uses_its_record_and_allows_what_may_change(reference_dir, tmp_path):
     _, converted = convert.convert(reference_dir, tmp_path)
     for path in (tmp_path, tmp_path / "train", tmp_path / "train" / "ckpt-3000"):

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from iaf_tf import cli, config, run_record
-from tests.fixtures import (ONE_BLOCK, ROOT, cli_env, cli_flags, error_lines, latest_step, run_cli, start_cli,
-                            train_args)
+from tests.fixtures import (ONE_BLOCK, ROOT, cli_env, cli_flags, error_lines, latest_step, run_cli, run_main,
+                            start_cli, train_args)
 
 README_HPCONFIG = "depth=1,num_blocks=20,kl_min=0.1,learning_rate=0.002,batch_size=32"
 # bin/iaf.py's flags before the configuration was one tree: the same names still work.
@@ -55,14 +55,15 @@ def test_unexpected_arguments(capsys):
 
 def test_readme_command_with_num_gpus_8_on_a_cpu_host_says_what_to_do(tmp_path, cifar10_dir):
     # With the README's setup (CIFAR10_PATH set), the one thing wrong here is the number of GPUs.
-    done = run_cli(["--logdir", tmp_path, "--hpconfig", README_HPCONFIG, "--num_gpus", "8", "--mode", "train",
-                    "--max_steps", "1"], env=cli_env(CIFAR10_PATH=str(cifar10_dir)), timeout=300)
+    done = run_main(["--logdir", tmp_path, "--hpconfig", README_HPCONFIG, "--num_gpus", "8", "--mode", "train",
+                     "--max_steps", "1"], CIFAR10_PATH=cifar10_dir)
     assert done.returncode == 2
     assert "--num_gpus=8 but this host has no GPU" in done.stderr and "--cpu_replicas=8" in done.stderr
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_readme_command_trains_the_readme_recipe_on_cpu(tmp_path, cifar10_dir):
     done = run_cli(["--logdir", tmp_path, "--hpconfig", README_HPCONFIG, "--num_gpus", "1", "--mode", "train",
                     "--max_steps", "1", "--data_dir", cifar10_dir], timeout=900)
@@ -76,29 +77,29 @@ def test_readme_command_trains_the_readme_recipe_on_cpu(tmp_path, cifar10_dir):
 
 
 def test_unknown_hpconfig_key(tmp_path):
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", "dpeth=3"))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", "dpeth=3"))
     _assert_clean_failure(done, tmp_path / "run", "unknown hparam 'dpeth'", "valid keys: ", "depth")
 
 
 def test_ill_typed_hpconfig_value(tmp_path):
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", "h_size=big"))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", "h_size=big"))
     _assert_clean_failure(done, tmp_path / "run", "h_size", "big")
 
 
 def test_missing_preset(tmp_path):
-    done = run_cli(train_args(tmp_path / "run", "--preset", "nope"))
+    done = run_main(train_args(tmp_path / "run", "--preset", "nope"))
     _assert_clean_failure(done, tmp_path / "run", "unknown preset 'nope'", "readme_recipe")
 
 
 def test_missing_cifar10(tmp_path):
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(tmp_path / "none")))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), CIFAR10_PATH=tmp_path / "none")
     _assert_clean_failure(done, tmp_path / "run", str(tmp_path / "none"), "CIFAR10_PATH")
 
 
 def test_cifar10_path_pointing_at_the_wrong_folder(tmp_path):
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "readme.txt").write_text("not CIFAR")
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(tmp_path / "wrong")))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), CIFAR10_PATH=tmp_path / "wrong")
     _assert_clean_failure(done, tmp_path / "run", str(tmp_path / "wrong"), "cifar-10-batches-py")
 
 
@@ -128,24 +129,24 @@ def test_bad_batch_file(name, contents, tmp_path, cifar10_dir):
     copy = _copy_of_cifar(tmp_path, cifar10_dir)
     (copy / name).unlink()
     (copy / name).write_bytes(contents(cifar10_dir))
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), env=cli_env(CIFAR10_PATH=str(copy)))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK), CIFAR10_PATH=copy)
     _assert_clean_failure(done, tmp_path / "run", name)
 
 
 def test_image_size_that_does_not_fit_the_data(tmp_path, cifar10_dir):
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK + ",image_size=64", "--data_dir", cifar10_dir))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK + ",image_size=64", "--data_dir", cifar10_dir))
     _assert_clean_failure(done, tmp_path / "run", "uint8 [N, 64, 64, 3]", "image_size")
 
 
 @pytest.mark.slow
 def test_checkpoint_from_another_configuration_names_each_variable(tmp_path, cifar10_dir):
-    first = run_cli(train_args(tmp_path, "--hpconfig", ONE_BLOCK, "--data_dir", cifar10_dir))
+    first = run_main(train_args(tmp_path, "--hpconfig", ONE_BLOCK, "--data_dir", cifar10_dir))
     assert first.returncode == 0, first.stderr[-2000:]
     train_dir = tmp_path / "train"
     before = sorted(p.name for p in train_dir.iterdir())
     other = train_args(tmp_path, "--hpconfig", ONE_BLOCK + ",h_size=16", "--data_dir", cifar10_dir, "--max_steps", "5")
     # The run's record of its hyper-parameters refuses the change before anything is loaded...
-    done = run_cli(other)
+    done = run_main(other)
     assert done.returncode != 0
     errors = error_lines(done.stderr)
     assert len(errors) == 1 and "h_size=16 contradicts the run in" in errors[0] and "h_size=8" in errors[0], \
@@ -154,7 +155,7 @@ def test_checkpoint_from_another_configuration_names_each_variable(tmp_path, cif
     # ...and without the record (a run from before records), the checkpoint's shapes do.
     (train_dir / run_record.FILE).unlink()
     before = sorted(p.name for p in train_dir.iterdir())
-    done = run_cli(other)
+    done = run_main(other)
     assert done.returncode != 0
     errors = error_lines(done.stderr)
     assert len(errors) == 1 and "written by another configuration" in errors[0], done.stderr[-2000:]
@@ -165,13 +166,13 @@ def test_checkpoint_from_another_configuration_names_each_variable(tmp_path, cif
 def test_logdir_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    done = run_cli(train_args(blocker / "run", "--hpconfig", ONE_BLOCK))
+    done = run_main(train_args(blocker / "run", "--hpconfig", ONE_BLOCK))
     _assert_clean_failure(done, blocker / "run", "cannot be created", "is a file")
 
 
 def test_more_gpus_than_present(tmp_path, cifar10_dir):
     # The data is checked first: with it there, the one thing wrong is the number of GPUs.
-    done = run_cli(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK, "--num_gpus", "4", "--data_dir", cifar10_dir))
+    done = run_main(train_args(tmp_path / "run", "--hpconfig", ONE_BLOCK, "--num_gpus", "4", "--data_dir", cifar10_dir))
     _assert_clean_failure(done, tmp_path / "run", "--num_gpus=4", "no GPU")
 
 
@@ -200,8 +201,8 @@ BAD_INPUTS = [
 def test_a_bad_flag_or_hparam_is_one_error_line_and_writes_nothing(args, fragment, tmp_path, cifar10_dir):
     logdir = tmp_path / "run"
     mode = [] if "--mode" in args else ["--mode", "train", "--hpconfig", ONE_BLOCK]
-    done = run_cli(["--logdir", logdir, "--num_gpus", "1", *mode, *args],
-                   env=cli_env(CIFAR10_PATH=str(cifar10_dir), TF_CONFIG="{not json"))
+    done = run_main(["--logdir", logdir, "--num_gpus", "1", *mode, *args], CIFAR10_PATH=cifar10_dir,
+                    TF_CONFIG="{not json")
     lines = error_lines(done.stderr)
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
@@ -209,14 +210,14 @@ def test_a_bad_flag_or_hparam_is_one_error_line_and_writes_nothing(args, fragmen
 
 
 def test_empty_logdir_is_refused(tmp_path):
-    done = run_cli(["--mode", "train", "--logdir", "", "--hpconfig", ONE_BLOCK], )
+    done = run_main(["--mode", "train", "--logdir", "", "--hpconfig", ONE_BLOCK])
     lines = error_lines(done.stderr)
     assert done.returncode == 2 and lines == ["error: invalid flag --logdir='': must not be empty"], lines
 
 
 def test_num_images_beyond_the_split_is_refused_before_evaluating(tmp_path, cifar10_dir, reference_dir):
-    done = run_cli(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", tmp_path / "run",
-                    "--num_images", "99999"], env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", tmp_path / "run",
+                     "--num_images", "99999"], CIFAR10_PATH=cifar10_dir)
     lines = error_lines(done.stderr)
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "--num_images=99999: the cifar10 test split has 10000 images" in lines[0]
@@ -227,8 +228,8 @@ def test_a_logdir_whose_mode_folder_cannot_be_written_fails_before_evaluating(tm
     logdir = tmp_path / "run"
     logdir.mkdir()
     (logdir / "eval_test").write_text("a file where the results would go")
-    done = run_cli(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", logdir],
-                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--mode", "eval_test", "--checkpoint", reference_dir, "--logdir", logdir],
+                    CIFAR10_PATH=cifar10_dir)
     lines = error_lines(done.stderr)
     assert done.returncode == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], done.stderr
     assert "Score" not in done.stdout
@@ -243,6 +244,7 @@ _STARTUP = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_normal_training_and_eval_run_print_no_log_lines_but_the_listed_start_up_ones(tmp_path, cifar10_dir):
     env = dict(os.environ, CIFAR10_PATH=str(cifar10_dir))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # what a user has: bin/iaf.py's own default
@@ -264,6 +266,7 @@ def _no_temporary_files(root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "eval_test"])
+@pytest.mark.e2e
 def test_sigint_and_sigterm_at_random_moments_end_cleanly(mode, tmp_path, cifar10_dir, reference_dir):
     """Bounded: four runs per mode, each signalled once at a random moment of start-up, initialization,
     training or evaluation."""
@@ -293,6 +296,7 @@ def _readme_python_blocks():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_the_readme_python_examples_run_as_written(tmp_path, cifar10_dir, reference_dir):
     """From a folder beside a `shared/` like the checkout's: the export command first (its example loads
     what it wrote), then every ```python block of README.md, each in a fresh process."""
@@ -317,6 +321,7 @@ def test_the_readme_python_examples_run_as_written(tmp_path, cifar10_dir, refere
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_pip_install_gives_a_console_command_that_works_from_any_folder(tmp_path, cifar10_dir):
     """The package as installed (not editable): the presets are package data, `iaf-tf` is its command."""
     target = tmp_path / "site"
@@ -345,8 +350,7 @@ def test_a_blocked_mode_folder_under_a_writable_logdir_fails_before_any_work(mod
     logdir.mkdir()
     (logdir / mode).write_text("a file where the mode writes")
     extra = ["--hpconfig", ONE_BLOCK] if mode == "train" else ["--checkpoint", reference_dir]
-    done = run_cli(["--mode", mode, "--num_gpus", "1", "--logdir", logdir, *extra],
-                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--mode", mode, "--num_gpus", "1", "--logdir", logdir, *extra], CIFAR10_PATH=cifar10_dir)
     lines = error_lines(done.stderr)
     assert done.returncode == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], done.stderr
     assert sorted(p.name for p in logdir.iterdir()) == [mode]

@@ -12,9 +12,10 @@ from iaf_tf import checkpoints, convert, run_record, tf1_checkpoint
 from iaf_tf.checkpoints import TrainState
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError
-from tests.fixtures import ROOT, assert_holds_tf1_checkpoint, cli_env, run_cli
+from tests.fixtures import ROOT, assert_holds_tf1_checkpoint, cli_env, run_main
 
 
+@pytest.mark.slow
 def test_convert_writes_a_native_run_with_every_weight_average_and_slot(reference_dir, tf1_reference, tmp_path):
     path, cfg = convert.convert(reference_dir, tmp_path)
     assert path == str(tmp_path / "train" / "ckpt-3000")
@@ -63,6 +64,7 @@ def test_config_from_checkpoint_with_unequal_levels_sets_depths():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_converter_command_then_eval_without_hpconfig(reference_dir, cifar10_dir, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bin" / "convert_checkpoint.py"), "--tf1_checkpoint",
                            str(reference_dir), "--logdir", str(tmp_path)],
@@ -72,8 +74,8 @@ def test_converter_command_then_eval_without_hpconfig(reference_dir, cifar10_dir
     assert lines[0] == f"wrote {tmp_path / 'train' / 'ckpt-3000'}"
     assert Config().parse(lines[1].removeprefix("hpconfig: ")).model.level_depths == [2, 2]
     # As its docstring says: every mode reads the converted run with no --hpconfig.
-    done = run_cli(["--mode", "eval_test", "--once", "--logdir", tmp_path, "--num_images", "100",
-                    "--data_dir", cifar10_dir])
+    done = run_main(["--mode", "eval_test", "--once", "--logdir", tmp_path, "--num_images", "100",
+                     "--data_dir", cifar10_dir])
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "eval_test" / "result-3000.json").read_text())
     assert result["images"] == 100 and 5.5 < result["bits_per_dim"] < 7

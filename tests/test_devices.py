@@ -127,6 +127,7 @@ def _run(script, **env):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc arenas are a glibc feature")
+@pytest.mark.e2e
 def test_limit_malloc_arenas_keeps_threads_on_one_heap():
     root = str(Path(__file__).resolve().parents[1])
     # Importing TensorFlow may already have made some heaps; the limit stops any more being made.
@@ -145,6 +146,7 @@ def test_limit_malloc_arenas_without_mallopt_says_so(monkeypatch):
     assert devices.limit_malloc_arenas() is False
 
 
+@pytest.mark.e2e
 def test_configure_cpu_makes_tensorflow_allocate_with_malloc():
     root = str(Path(__file__).resolve().parents[1])
     # TensorFlow's own pool counts its bytes; with malloc there is nothing to count.

@@ -87,6 +87,7 @@ def test_the_cli_keeps_the_traceback_of_anything_else(bug, tmp_path, monkeypatch
     assert len(error_lines) == 1 and "this is a bug in iaf-tf" in error_lines[0]
 
 
+@pytest.mark.e2e
 def test_the_console_command_shows_a_bug_with_its_traceback(tmp_path):
     # The real entry point (absl's app.run around cli.main), with a bug planted where the mode would run.
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from iaf_tf import cli\n"

@@ -12,16 +12,15 @@ import tensorflow as tf
 
 from iaf_tf import checkpoints, convert, data, datasets, evaluate, train
 from iaf_tf.config import load_preset
-from tests.fixtures import ONE_BLOCK, published_bits_per_dim, read_events, run_cli, tiny_config
+from tests.fixtures import ONE_BLOCK, published_bits_per_dim, read_events, run_main, tiny_config
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 10])
 def test_eval_test_mode_reproduces_the_original(k, reference_dir, expected, cifar10_dir, tmp_path):
     """`--mode eval_test` on the original's own TF1 checkpoint (moving averages), first 2000 test images."""
-    done = run_cli(["--mode", "eval_test", "--logdir", tmp_path, "--preset", "tf1_small", "--hpconfig", f"k={k}",
-                    "--checkpoint", reference_dir, "--once", "--num_images", "2000", "--data_dir", cifar10_dir],
-                   timeout=600)
+    done = run_main(["--mode", "eval_test", "--logdir", tmp_path, "--preset", "tf1_small", "--hpconfig", f"k={k}",
+                     "--checkpoint", reference_dir, "--once", "--num_images", "2000", "--data_dir", cifar10_dir])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Step: 3000 Score: " in done.stdout
     result = json.loads((tmp_path / "eval_test" / "result-3000.json").read_text())
@@ -30,6 +29,7 @@ def test_eval_test_mode_reproduces_the_original(k, reference_dir, expected, cifa
     assert f"Score: {result['bits_per_dim']:.4f}" in done.stdout
 
 
+@pytest.mark.slow
 def test_eval_writes_scalars_pictures_and_json_and_watches_for_new_checkpoints(reference_dir, cifar10_dir,
                                                                               tmp_path):
     path, cfg = convert.convert(reference_dir, tmp_path)
@@ -102,6 +102,7 @@ def test_mnist_is_evaluated_in_nats_per_image_on_a_fixed_binarization(mnist_dir,
     assert lines[-1] == f"Step: 0 Score: {first['nats_per_image']:.4f}"
 
 
+@pytest.mark.slow
 def test_export_mode_writes_a_saved_model_of_the_averages(reference_dir, tmp_path):
     cfg = load_preset("tf1_small").replace(logdir=str(tmp_path), checkpoint=str(reference_dir))
     lines = []

@@ -22,6 +22,7 @@ def exported(reference_prefix, tmp_path_factory):
     return trained, export.export(trained, str(tmp_path_factory.mktemp("export") / "step-3000"))
 
 
+@pytest.mark.slow
 def test_score_signature_is_the_negative_elbo(exported, cifar10_dir):
     trained, out_dir = exported
     images = data.load_cifar10("test", cifar10_dir)[:3]
@@ -64,6 +65,7 @@ def test_an_exported_mnist_model_scores_in_nats_per_image(mnist_dir, tmp_path):
     assert np.all(got["nats_per_image"].numpy() > 100)  # ~log 2 a pixel for an untrained model, not bits/dim
 
 
+@pytest.mark.slow
 def test_sample_signature_draws_uint8_images(exported):
     trained, out_dir = exported
     sample = tf.saved_model.load(out_dir).signatures["sample"]
@@ -75,6 +77,7 @@ def test_sample_signature_draws_uint8_images(exported):
     assert np.abs(cold.numpy().astype(int) - cold.numpy()[:1].astype(int)).max() <= 1
 
 
+@pytest.mark.e2e
 def test_plain_tensorflow_loads_it_without_iaf_tf(exported, cifar10_dir, expected):
     """In a process where iaf_tf cannot be imported: the reference's bits/dim on the first 200 test images
     (with the SavedModel's own noise), and samples of the right shape and dtype."""

@@ -113,6 +113,7 @@ def _weights(prefix):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("jit_compile", ["false", "true"])
+@pytest.mark.e2e
 def test_two_workers_of_the_documented_command_train_as_one_two_replica_job(jit_compile, tmp_path, cifar10_dir):
     """BUILD.md's command, two processes of bin/iaf.py on localhost: they train in lockstep (the chief's
     checkpoint equals a one-process run of two replicas), and only the chief writes."""
@@ -251,6 +252,7 @@ def test_the_api_refuses_bad_counts_and_temperatures(loaded, call, message):
         call(loaded, np.zeros([2, 32, 32, 3], np.uint8))
 
 
+@pytest.mark.e2e
 def test_the_saved_models_signatures_check_their_arguments_without_iaf_tf(main, two_checkpoint_run, tmp_path):
     assert main("--mode", "export", "--checkpoint", two_checkpoint_run, "--logdir", tmp_path)[0] == 0
     script = ("import sys; sys.modules['iaf_tf'] = None  # any use of iaf_tf would fail\n"
@@ -356,11 +358,12 @@ def test_a_corrupt_newest_tf1_checkpoint_is_skipped_by_the_converter(main, refer
 
 # ---------------------------------------------------------------- 6. absl's own flag errors
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flag,message", [
     ("--max_steps=abc", "error: flag --max_steps=abc: invalid literal for int() with base 10: 'abc'; see iaf.py "
                         "--helpfull"),
-    ("--mode=evaluate", "error: flag --mode=evaluate: value should be one of <train|eval_test|eval_train|sample|"
-                        "export|convert>; see iaf.py --helpfull"),
+    ("--mode=evaluate", "error: flag --mode=evaluate: value should be one of <train|eval_test|eval_train|eval_valid|"
+                        "sample|export|convert>; see iaf.py --helpfull"),
 ])
 def test_a_flag_absl_cannot_parse_is_one_error_line_and_exit_2(flag, message, tmp_path):
     done = run_cli(["--logdir", tmp_path / "run", flag])
@@ -368,6 +371,7 @@ def test_a_flag_absl_cannot_parse_is_one_error_line_and_exit_2(flag, message, tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_helpfull_lists_the_flags_and_exits_0():
     done = run_cli(["--helpfull"])
     assert done.returncode == 0 and "--mode" in done.stdout and "--hpconfig" in done.stdout, done.stderr[-2000:]

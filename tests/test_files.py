@@ -61,6 +61,7 @@ with files.RunLock({folder!r}):
 """
 
 
+@pytest.mark.e2e
 def test_run_lock_admits_one_holder_at_a_time_and_names_it(tmp_path):
     with files.RunLock(str(tmp_path / "train")):
         holder = (tmp_path / "train" / files.RunLock.NAME).read_text()

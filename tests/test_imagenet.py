@@ -175,6 +175,7 @@ def _recording_batches(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, size", [("tar", 32), ("tar", 64), ("png", 32), ("png", 64), ("tfds", 32)])
 def test_train_resume_eval_valid_and_sample(tmp_path, layout, size, capsys, monkeypatch):
     write_published(tmp_path / "data", size, layout)
@@ -202,6 +203,7 @@ def test_train_resume_eval_valid_and_sample(tmp_path, layout, size, capsys, monk
     assert "has no 'test' split; it has train, valid (--mode eval_train or eval_valid)" in _one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(tmp_path, capsys, monkeypatch):
     write_published(tmp_path / "data", 64, "tar")
     seen = _recording_batches(monkeypatch)
@@ -301,6 +303,7 @@ def test_no_folder_and_a_damaged_conversion_say_what_to_do(tmp_path, capsys, mon
 NARROW = "depths=1-1,h_size=8,z_size=4,batch_size=2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--num_gpus", 1, "--hpconfig", NARROW + ",mixed_precision=true"],
                                    ["--num_gpus", 2, "--cpu_replicas", 2, "--hpconfig", NARROW]])
 def test_imagenet64_preset_trains(tmp_path, extra, capsys, monkeypatch):

@@ -252,6 +252,7 @@ def test_unequal_levels_build_run_and_sample(depths, sizes):
     assert model.sample(2, tf.constant([1, 1])).shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_table3_preset_has_twenty_layers_at_16_and_8():
     model = make_model(load_preset("table3")).build_for(1)
     assert len(model.blocks) == 20
@@ -490,6 +491,7 @@ print(float(trainer.train_step(tf.constant(images))[0]["objective"]))
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.e2e
 def test_grappler_remapper_succeeds_on_the_training_step(precision):
     hpconfig = TWO_BLOCKS_PER_LEVEL + (",mixed_precision=True" if precision == "bfloat16" else "")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", PYTHONPATH=str(ROOT))

@@ -16,7 +16,7 @@ from iaf_tf.config import load_preset
 from iaf_tf.errors import CheckpointError
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import count_trainable_parameters
-from tests.fixtures import (REFERENCE_PREFIX, ROOT, cli_env, read_expected, run_cli, run_model, score_line,
+from tests.fixtures import (REFERENCE_PREFIX, ROOT, cli_env, read_expected, run_main, run_model, score_line,
                             write_released_checkpoint)
 
 EVAL_SEED = 1234
@@ -197,8 +197,8 @@ def test_reference_checkpoint_in_bfloat16_is_within_0_02_bits_per_dim(reference_
 @pytest.fixture(scope="module")
 def v2_score(reference_dir, cifar10_dir, tmp_path_factory):
     """What eval_test prints for the V2 reference on the first 200 test images."""
-    done = run_cli(["--mode", "eval_test", "--checkpoint", reference_dir, "--num_images", "200",
-                    "--logdir", tmp_path_factory.mktemp("v2")], env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--mode", "eval_test", "--checkpoint", reference_dir, "--num_images", "200",
+                     "--logdir", tmp_path_factory.mktemp("v2")], CIFAR10_PATH=cifar10_dir)
     assert done.returncode == 0, done.stderr
     return score_line(done.stdout)
 
@@ -210,27 +210,28 @@ def test_the_original_readme_eval_flow_scores_the_released_format_like_the_refer
     logdir = tmp_path / "L"
     write_released_checkpoint(reference_dir / REFERENCE_PREFIX, logdir / "train", state_file)
     hpconfig = read_expected()["hpconfig"]
-    done = run_cli(["--logdir", logdir, "--hpconfig", hpconfig, "--num_gpus", "1", "--mode", "eval_test", "--once",
-                    "--num_images", "200"], env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--logdir", logdir, "--hpconfig", hpconfig, "--num_gpus", "1", "--mode", "eval_test", "--once",
+                     "--num_images", "200"], CIFAR10_PATH=cifar10_dir)
     assert done.returncode == 0, done.stderr
     assert score_line(done.stdout) == v2_score
     assert "V1 format, step 3000" in done.stdout
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_checkpoint_flag_and_converter_take_the_released_file(reference_dir, cifar10_dir, tmp_path, v2_score):
     released = write_released_checkpoint(reference_dir / REFERENCE_PREFIX, tmp_path / "released")
     env = cli_env(CIFAR10_PATH=str(cifar10_dir))
-    done = run_cli(["--mode", "eval_test", "--checkpoint", released, "--num_images", "200", "--logdir",
-                    tmp_path / "direct"], env=env)  # no --hpconfig: the architecture is read off the file
+    done = run_main(["--mode", "eval_test", "--checkpoint", released, "--num_images", "200", "--logdir",
+                     tmp_path / "direct"], CIFAR10_PATH=cifar10_dir)  # no --hpconfig: the architecture is read off the file
     assert done.returncode == 0, done.stderr
     assert score_line(done.stdout) == v2_score
     converted = subprocess.run([sys.executable, str(ROOT / "bin" / "convert_checkpoint.py"), "--tf1_checkpoint",
                                 released, "--logdir", tmp_path / "converted"], capture_output=True, text=True,
                                env=env, timeout=300)
     assert converted.returncode == 0, converted.stderr
-    done = run_cli(["--mode", "eval_test", "--once", "--num_images", "200", "--logdir", tmp_path / "converted"],
-                   env=env)  # from the converted run's own record
+    done = run_main(["--mode", "eval_test", "--once", "--num_images", "200", "--logdir", tmp_path / "converted"],
+                    CIFAR10_PATH=cifar10_dir)  # from the converted run's own record
     assert done.returncode == 0, done.stderr
     assert score_line(done.stdout) == v2_score
 

@@ -23,7 +23,8 @@ from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
 from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
                             error_lines, grey_images, latest_step, random_images, read_events, read_expected,
-                            run_cli, run_model, scalar_series, seed, snapshot, start_cli, tiny_config, train_args)
+                            run_cli, run_main, run_model, scalar_series, seed, snapshot, start_cli, tiny_config,
+                            train_args)
 
 
 def _quiet(_line):
@@ -93,6 +94,7 @@ def test_loss_fn_reports_mnist_in_nats_per_image():
 # xla_programs="on" is what a GPU runs without jit_compile: the update and the small programs compiled.
 @pytest.mark.parametrize("kl_min, jit_compile, xla_programs", [(0.0, False, "off"), (0.5, False, "off"),
                                                                (0.5, False, "on"), (0.5, True, "auto")])
+@pytest.mark.slow
 def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_compile, xla_programs, cifar10_dir):
     cfg = tiny_config(num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile, xla_programs=xla_programs)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -155,6 +157,7 @@ def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
 # ---------------------------------------------------------------- the loop lowers the loss
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     cfg = load_preset("cpu_quick").replace(logdir=str(tmp_path), max_steps=300, summary_every=20,
                                            checkpoint_every=100, seed=1, data_dir=str(cifar10_dir))
@@ -180,6 +183,7 @@ def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     assert result.skipped == 0
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_of_the_moving_averages_every_image_every_steps(tmp_path, cifar10_dir):
     cfg = tiny_config(ONE_BLOCK, logdir=str(tmp_path), max_steps=4, image_every=2, data_dir=str(cifar10_dir))
     train.train(cfg, print_fn=_quiet)
@@ -268,6 +272,7 @@ def _train_state(trainer):
             [s.numpy().copy() for s in trainer.state.averages.shadows], int(trainer.state.optimizer.iterations.numpy()))
 
 
+@pytest.mark.slow
 def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_path, cifar10_dir):
     # Each call resumes from the checkpoint the previous one left in logdir/train.
     cfg = tiny_config(ONE_BLOCK, max_skips=3, logdir=str(tmp_path), max_steps=2, data_dir=str(cifar10_dir))
@@ -300,6 +305,7 @@ def test_non_finite_steps_change_nothing_are_counted_and_training_goes_on(tmp_pa
     assert max(scalar_series(tmp_path / "train", "train/skipped_steps").values()) == 2
 
 
+@pytest.mark.slow
 def test_stops_after_max_skips_consecutive_non_finite_steps_with_a_usable_checkpoint(tmp_path, cifar10_dir):
     # The update just before the first non-finite step may be what broke the weights, so after the stop the
     # newest checkpoint holds those of a checkpoint from before it: with one every step, step 1's.
@@ -390,6 +396,7 @@ def _training_args(logdir, cifar10_dir, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits_0(tmp_path, cifar10_dir):
     proc = start_cli(_training_args(tmp_path, cifar10_dir, "--checkpoint_every", "100000", "--summary_every", "1"))
     try:
@@ -409,6 +416,7 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits_0(tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_at_any_moment_never_leaves_an_unreadable_checkpoint(tmp_path, cifar10_dir):
     """Checkpoints every step, so kills land during writes; every restart must resume."""
     rng = np.random.RandomState(0)
@@ -432,6 +440,7 @@ def test_sigkill_at_any_moment_never_leaves_an_unreadable_checkpoint(tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_then_resume_keeps_step_slots_and_averages(tmp_path, cifar10_dir):
     args = ["--mode", "train", "--hpconfig", ONE_BLOCK_PER_LEVEL, "--num_gpus", "1", "--logdir", tmp_path,
             "--checkpoint_every", "5", "--data_dir", cifar10_dir, "--seed", "2"]
@@ -476,6 +485,7 @@ def test_sigkill_then_resume_keeps_step_slots_and_averages(tmp_path, cifar10_dir
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_two_runs_with_the_same_seed_give_identical_losses(tmp_path, cifar10_dir):
     losses = []
     for run in range(2):
@@ -570,30 +580,39 @@ def _state(trainer):
     return state
 
 
+def _three_steps(setup, images):
+    """(initial state, objective of each of three steps, state after them) of a TWO_BLOCKS_PER_LEVEL trainer;
+    setup: "plain", "programs" (the GPU's default without jit: the update, weight norm and noise as XLA
+    programs) or "jit"."""
+    cfg = tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=setup == "jit",
+                      xla_programs="on" if setup == "programs" else "off")
+    trainer = train.Trainer(cfg, tf.distribute.get_strategy())
+    trainer.initialize(images[:4])
+    initial = _state(trainer)
+    losses = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"]) for i in range(3)]
+    return initial, losses, _state(trainer)
+
+
+@pytest.fixture(scope="module")
+def plain_steps(cifar10_dir):
+    """_three_steps("plain"), made once for both compiled setups."""
+    return _three_steps("plain", data.load_cifar10("train", cifar10_dir)[:12])
+
+
 @pytest.mark.slow
-def test_a_jit_step_and_a_plain_step_from_the_same_state_and_seed_agree(cifar10_dir):
-    # Also the GPU's default without jit (xla_programs: the update, weight norm and noise as programs).
-    images = data.load_cifar10("train", cifar10_dir)[:12]
-    losses, states = {}, {}
-    for setup in ("plain", "programs", "jit"):
-        cfg = tiny_config(TWO_BLOCKS_PER_LEVEL, jit_compile=setup == "jit",
-                          xla_programs="on" if setup == "programs" else "off")
-        trainer = train.Trainer(cfg, tf.distribute.get_strategy())
-        trainer.initialize(images[:4])
-        initial = _state(trainer)
-        losses[setup] = [float(trainer.train_step(tf.constant(images[4 * i:4 * (i + 1)]))[0]["objective"])
-                         for i in range(3)]
-        states[setup] = _state(trainer)
-    assert losses["plain"][0] != losses["plain"][1]  # the steps really trained
-    for setup in ("programs", "jit"):
-        np.testing.assert_allclose(losses[setup], losses["plain"], rtol=1e-5, err_msg=setup)
-        moved = 0
-        for name, plain in states["plain"].items():
-            # Relative to each tensor's largest entry: entries near zero have no relative precision.
-            np.testing.assert_allclose(states[setup][name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
-                                       err_msg=f"{setup}: {name}")
-            moved += not np.array_equal(plain, initial[name])
-        assert moved >= len(states["plain"]) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
+@pytest.mark.parametrize("setup", ["programs", "jit"])
+def test_a_jit_step_and_a_plain_step_from_the_same_state_and_seed_agree(setup, plain_steps, cifar10_dir):
+    _, plain_losses, plain_state = plain_steps
+    initial, losses, state = _three_steps(setup, data.load_cifar10("train", cifar10_dir)[:12])
+    assert plain_losses[0] != plain_losses[1]  # the steps really trained
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5, err_msg=setup)
+    moved = 0
+    for name, plain in plain_state.items():
+        # Relative to each tensor's largest entry: entries near zero have no relative precision.
+        np.testing.assert_allclose(state[name], plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max(),
+                                   err_msg=f"{setup}: {name}")
+        moved += not np.array_equal(plain, initial[name])
+    assert moved >= len(plain_state) - 12  # all but the top block's last up-pass conv (3 weights, 4 each)
 
 
 def test_xla_programs_are_for_gpus_unless_set():
@@ -608,21 +627,17 @@ def test_xla_programs_are_for_gpus_unless_set():
 
 # ---------------------------------------------------------------- checkpoints you can trust
 
-def _trained_run(logdir, cifar10_dir, steps=4, every=2):
-    """A short run with checkpoints at 0, every, 2*every, ..."""
-    done = run_cli(train_args(logdir, "--hpconfig", ONE_BLOCK, "--max_steps", steps, "--checkpoint_every", every),
-                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
-    assert done.returncode == 0, done.stderr
-    return logdir / "train"
-
-
 def _resume(logdir, cifar10_dir, *extra):
-    return run_cli(train_args(logdir, "--max_steps", 4, *extra), env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    return run_main(train_args(logdir, "--max_steps", 4, *extra), CIFAR10_PATH=cifar10_dir)
 
 
 @pytest.fixture(scope="module")
 def four_step_run(tmp_path_factory, cifar10_dir):
-    return _trained_run(tmp_path_factory.mktemp("run") / "run", cifar10_dir)
+    """A short run with checkpoints at 0, 2 and 4 (made once; tests copy it)."""
+    logdir = tmp_path_factory.mktemp("run") / "run"
+    train.train(tiny_config(ONE_BLOCK, logdir=str(logdir), max_steps=4, checkpoint_every=2,
+                            data_dir=str(cifar10_dir)), print_fn=_quiet)
+    return logdir / "train"
 
 
 def _copy_run(train_dir, tmp_path):
@@ -675,27 +690,28 @@ def test_a_run_whose_checkpoints_all_fail_to_read_is_refused(four_step_run, tmp_
 @pytest.mark.slow
 def test_resume_and_eval_from_the_logdir_alone_with_changes_recorded(four_step_run, tmp_path, cifar10_dir):
     train_dir = _copy_run(four_step_run, tmp_path)
-    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
     record = run_record.read(train_dir)
     assert record == tiny_config(ONE_BLOCK)
-    done = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 5, "--hpconfig",
-                    "learning_rate=0.001"], env=env)
+    done = run_main(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 5, "--hpconfig",
+                     "learning_rate=0.001"], CIFAR10_PATH=cifar10_dir)
     assert done.returncode == 0, done.stderr
     assert "learning_rate: 0.002 → 0.001" in done.stdout
     assert "# step 4: learning_rate 0.002 -> 0.001" in (train_dir / "hparams.cfg").read_text()
     assert run_record.read(train_dir).optimization.learning_rate == 0.001
-    refused = run_cli(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 6, "--hpconfig", "h_size=16"],
-                      env=env)
+    refused = run_main(["--mode", "train", "--logdir", train_dir.parent, "--max_steps", 6, "--hpconfig", "h_size=16"],
+                       CIFAR10_PATH=cifar10_dir)
     assert refused.returncode == 2
     assert error_lines(refused.stderr) == [
         f"error: h_size=16 contradicts the run in {train_dir}, which has h_size=8: a run's architecture and dataset "
         "cannot change; drop it, or use another --logdir for a new run"]
     for mode in ("eval_test", "sample"):
-        done = run_cli(["--mode", mode, "--once", "--num_images", 20, "--logdir", train_dir.parent], env=env)
+        done = run_main(["--mode", mode, "--once", "--num_images", 20, "--logdir", train_dir.parent],
+                        CIFAR10_PATH=cifar10_dir)
         assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_trainer_on_a_logdir_exits_at_once_and_a_killed_one_leaves_no_lock(tmp_path, cifar10_dir):
     env = cli_env(CIFAR10_PATH=str(cifar10_dir))
     logdir = tmp_path / "run"
@@ -724,10 +740,9 @@ def test_a_second_trainer_on_a_logdir_exits_at_once_and_a_killed_one_leaves_no_l
 
 @pytest.mark.slow
 def test_after_a_non_finite_stop_the_newest_checkpoint_holds_weights_from_before_the_trouble(tmp_path, cifar10_dir):
-    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
     logdir = tmp_path / "run"
-    blown = run_cli(train_args(logdir, "--hpconfig", f"{ONE_BLOCK},learning_rate=1e6,max_skips=3", "--max_steps", 0,
-                               "--checkpoint_every", 1), env=env)
+    blown = run_main(train_args(logdir, "--hpconfig", f"{ONE_BLOCK},learning_rate=1e6,max_skips=3", "--max_steps", 0,
+                                "--checkpoint_every", 1), CIFAR10_PATH=cifar10_dir)
     assert blown.returncode == 3, blown.stderr
     lines = error_lines(blown.stderr)
     assert len(lines) == 1 and "holds the weights of" in lines[0] and "ckpt-0" in lines[0], lines
@@ -735,8 +750,8 @@ def test_after_a_non_finite_stop_the_newest_checkpoint_holds_weights_from_before
     initial = tf.train.load_checkpoint(str(logdir / "train" / "ckpt-0"))
     key = "model/dec_log_stdv/.ATTRIBUTES/VARIABLE_VALUE"
     assert newest.get_tensor(key) == initial.get_tensor(key) == 0.0
-    resumed = run_cli(["--mode", "train", "--logdir", logdir, "--max_steps", _step_of_newest(logdir) + 3,
-                       "--hpconfig", "learning_rate=0.002"], env=env)
+    resumed = run_main(["--mode", "train", "--logdir", logdir, "--max_steps", _step_of_newest(logdir) + 3,
+                        "--hpconfig", "learning_rate=0.002"], CIFAR10_PATH=cifar10_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert "update skipped" not in resumed.stdout
 
@@ -753,8 +768,8 @@ def test_a_non_finite_evaluation_is_an_error_with_no_result_file(tmp_path, cifar
     (tmp_path / "run" / "train").mkdir(parents=True)
     state.checkpoint.write(str(tmp_path / "run" / "train" / "ckpt-7"))
     (tmp_path / "run" / "train" / "hparams.cfg").write_text(run_record.text(cfg))
-    done = run_cli(["--mode", "eval_test", "--once", "--num_images", 10, "--logdir", tmp_path / "run"],
-                   env=cli_env(CIFAR10_PATH=str(cifar10_dir)))
+    done = run_main(["--mode", "eval_test", "--once", "--num_images", 10, "--logdir", tmp_path / "run"],
+                    CIFAR10_PATH=cifar10_dir)
     assert done.returncode == 3, done.stderr
     lines = error_lines(done.stderr)
     assert len(lines) == 1 and "is nan" in lines[0] and "no result was written" in lines[0]
@@ -764,24 +779,25 @@ def test_a_non_finite_evaluation_is_an_error_with_no_result_file(tmp_path, cifar
 @pytest.mark.slow
 def test_train_starts_a_new_run_from_a_tf1_checkpoint_but_refuses_one_in_its_own_folder(reference_dir, tmp_path,
                                                                                        cifar10_dir):
-    env = cli_env(CIFAR10_PATH=str(cifar10_dir))
+    env = {"CIFAR10_PATH": cifar10_dir}
     hpconfig = read_expected()["hpconfig"]
-    done = run_cli(["--mode", "train", "--logdir", tmp_path / "new", "--hpconfig", hpconfig, "--checkpoint",
-                    reference_dir, "--max_steps", 3001], env=env)
+    done = run_main(["--mode", "train", "--logdir", tmp_path / "new", "--hpconfig", hpconfig, "--checkpoint",
+                     reference_dir, "--max_steps", 3001], **env)
     assert done.returncode == 0, done.stderr
     assert "Starting a new run from" in done.stdout and "step 3000" in done.stdout
     assert latest_step(tmp_path / "new" / "train") == 3001
-    again = run_cli(["--mode", "train", "--logdir", tmp_path / "new", "--checkpoint", reference_dir, "--max_steps",
-                     3002], env=env)
+    again = run_main(["--mode", "train", "--logdir", tmp_path / "new", "--checkpoint", reference_dir, "--max_steps",
+                      3002], **env)
     assert again.returncode == 2 and "starts a new run" in error_lines(again.stderr)[0]
     shutil.copytree(reference_dir, tmp_path / "tf1" / "train")
     before = snapshot(tmp_path / "tf1")
-    refused = run_cli(["--mode", "train", "--logdir", tmp_path / "tf1", "--hpconfig", hpconfig], env=env)
+    refused = run_main(["--mode", "train", "--logdir", tmp_path / "tf1", "--hpconfig", hpconfig], **env)
     lines = error_lines(refused.stderr)
     assert refused.returncode == 2 and len(lines) == 1 and "convert_checkpoint.py" in lines[0], refused.stderr
     assert snapshot(tmp_path / "tf1") == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_the_latest(tmp_path, cifar10_dir):
     mount = tmp_path / "small"
     mount.mkdir()
