@@ -111,6 +111,15 @@ def cli_env(**extra):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra)
 
 
+def without_iaf_tf(script):
+    """Run `script` in a fresh Python where importing iaf_tf fails (as for a user of an exported SavedModel);
+    returns the JSON value its last line of output prints."""
+    guarded = "import sys; sys.modules['iaf_tf'] = None  # any use of iaf_tf would fail\n" + script
+    done = subprocess.run([sys.executable, "-c", guarded], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def cli_command(args):
     return [sys.executable, str(ROOT / "bin" / "iaf.py"), *map(str, args)]
 
