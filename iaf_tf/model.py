@@ -103,7 +103,7 @@ class IAFBlock(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        from iaf_tf.config import ModelConfig
+        from iaf_tf.settings import ModelConfig
         return cls(**dict(config, model_config=ModelConfig(**config["model_config"])))
 
     def _float32(self, *tensors):
