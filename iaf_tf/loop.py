@@ -64,10 +64,11 @@ def run(config, trainer=None, on_step=None, print_fn=print):
         log.close()
         if status == "non_finite":
             kept = roll_back(trainer.state, saver, streak.start)
+            remedy = ("a higher skip_threshold, a lower learning_rate or grad_clip>0" if
+                      config.optimization.skip_threshold else "a lower learning_rate, grad_clip>0 or skip_threshold>0")
             raise NonFiniteError(
                 f"stopped at step {int(trainer.state.step.numpy())}: {streak.length} consecutive steps had a "
-                f"{log.skip_reason} (max_skips={config.training.max_skips}). {kept} Try a lower "
-                "learning_rate, grad_clip>0 or skip_threshold>0 in --hpconfig.")
+                f"{log.skip_reason} (max_skips={config.training.max_skips}). {kept} Try {remedy} in --hpconfig.")
     result = TrainResult(int(trainer.state.step.numpy()), status, {k: float(v) for k, v in metrics.items()},
                          int(trainer.state.skipped.numpy()))
     say(f"Stopped at step {result.step} ({status}).")

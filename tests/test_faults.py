@@ -392,6 +392,7 @@ def test_steps_skipped_by_skip_threshold_are_said_to_be(main, tmp_path, cifar10_
     assert code == 3 and len(err) == 1, err
     assert ("2 consecutive steps had a non-finite loss or gradient or gradient norm over skip_threshold "
             "(max_skips=2)") in err[0]
+    assert err[0].endswith("Try a higher skip_threshold, a lower learning_rate or grad_clip>0 in --hpconfig."), err[0]
 
 
 @pytest.mark.parametrize("mode", ["sample", "export"])
