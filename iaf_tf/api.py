@@ -59,8 +59,7 @@ class TrainedModel:
         config's k), in memory that does not grow with k."""
         images = self._checked(images)
         k = self.config.objective.k if k is None else k
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ArgumentError(f"k must be a whole number of importance samples, 1 or more; got {k!r}")
+        _check_count("k", k, "importance samples")
         return self._evaluator.nll(images, k=k, seed=seed, max_batch=self.config.evaluation.eval_batch_size,
                                    progress=progress, desc=f"k={k}")
 
@@ -86,8 +85,7 @@ class TrainedModel:
 
     def sample(self, num_images, temperature=1.0, seed=0):
         """uint8 images decoded from z drawn from the prior (its noise scaled by `temperature`)."""
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise ArgumentError(f"num_images must be a whole number of images, 1 or more; got {num_images!r}")
+        _check_count("num_images", num_images, "images")
         if not isinstance(temperature, (int, float, np.number)) or not math.isfinite(temperature) \
                 or temperature < 0:
             raise ArgumentError(f"temperature must be a finite number, 0 or more (0 = the prior's mean); "
@@ -106,3 +104,8 @@ class TrainedModel:
         return [{"layer": index, "mean": mean.numpy(), "log_scale": log_scale.numpy()}
                 for index, (mean, log_scale) in zip(self.model.block_index, out["posterior"])]
 
+
+def _check_count(name, value, of):
+    """A count the caller gives (k, num_images) must be a whole number >= 1 (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ArgumentError(f"{name} must be a whole number of {of}, 1 or more; got {value!r}")
