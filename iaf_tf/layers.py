@@ -6,6 +6,7 @@ bias `b`, with kernel = exp(g) * V / ||V||. Masks and the normalization are appl
 `call()`, so the variables only ever hold what the optimizer wrote (safe under MirroredStrategy).
 """
 
+import contextlib
 import math
 
 import keras
@@ -76,6 +77,7 @@ class WNConv2D(keras.layers.Layer):
         self.ar_zerodiagonal = ar_zerodiagonal
         self.conv_dtype = tf.as_dtype(conv_dtype)
         self.input_grid = None  # (H, W) of the input, set by build
+        self._given = None  # (V, g, b, mask) tensors that `call` uses instead of the variables (see given_weights)
         if transpose and (mask is not None or ar_zerodiagonal is not None):
             raise ValueError("masked transposed convolutions are not supported")
         if mask is not None and ar_zerodiagonal is not None:
@@ -108,6 +110,20 @@ class WNConv2D(keras.layers.Layer):
     def _mask(self):
         return None if self._mask_variable is None else tf.convert_to_tensor(self._mask_variable.value)
 
+    def weight_tensors(self):
+        """(V, g, b, mask or None) as tensors: what `call` computes with."""
+        return (*(tf.convert_to_tensor(w) for w in (self.V, self.g, self.b)), self._mask)
+
+    @contextlib.contextmanager
+    def given_weights(self, weights):
+        """`call` computes with `weights` (as from weight_tensors(), of another layer of the same shapes) for
+        the duration: how one traced program serves every block of a model (model.CVAE)."""
+        self._given = tuple(weights)
+        try:
+            yield
+        finally:
+            self._given = None
+
     def get_config(self):
         mask = None if self.mask is None or self.ar_zerodiagonal is not None else self.mask.tolist()
         return dict(super().get_config(), filters=self.filters, kernel_size=self.kernel_size, strides=self.strides,
@@ -127,7 +143,7 @@ class WNConv2D(keras.layers.Layer):
         """conv(x) + b in `conv_dtype`; with `residual`: residual + gain * (conv(x) + b) in the residual's
         dtype, the constant gain folded into kernel and bias so that the sum is one fused op. With
         `elu_input`, conv(elu(x)) (the ELU in `conv_dtype`), for an x that other ops read as well."""
-        v, g, b = (tf.convert_to_tensor(w) for w in (self.V, self.g, self.b))
+        v, g, b, mask = self._given or self.weight_tensors()
         if elu_input:
             x = weight_norm.elu_of_shared(tf.cast(x, self.conv_dtype), b)
         if init:
@@ -135,7 +151,7 @@ class WNConv2D(keras.layers.Layer):
             if residual is None:
                 return out
             return residual + (gain * out if gain != 1.0 else tf.cast(out, residual.dtype))
-        return weight_norm.wn_conv2d(tf.cast(x, self.conv_dtype), v, g, b, residual, self._mask, self.strides, gain,
+        return weight_norm.wn_conv2d(tf.cast(x, self.conv_dtype), v, g, b, residual, mask, self.strides, gain,
                           self.transpose)
 
     def _data_dependent_init(self, x):

@@ -29,6 +29,11 @@ def enabled(on=True):
         _ENABLED.reset(token)
 
 
+def enabled_now():
+    """Whether `compiled` functions traced here become XLA programs."""
+    return _ENABLED.get()
+
+
 def compiled(fn):
     """fn as one XLA program when called from a traced function inside `enabled()`; else op by op.
 
@@ -40,7 +45,7 @@ def compiled(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        use_program = _ENABLED.get() and not tf.executing_eagerly()
+        use_program = enabled_now() and not tf.executing_eagerly()
         return program(*args, **kwargs) if use_program else fn(*args, **kwargs)
 
     run.program = program
