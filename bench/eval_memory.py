@@ -1,12 +1,12 @@
-"""Peak memory and speed of importance-sampled evaluation as k grows, each run in its own process, on the
-same test images and the original's reference checkpoint. Target: the second run (k = 10,000 in chunks of
-100) within 1.5x the memory of the first (k = 100).
+"""Importance sampling's peak memory and speed as k grows, on the original's reference checkpoint, a
+process each. Target: the second run (k = 10,000 in chunks of 100) within 1.5x the first's (k = 100).
 
 Usage:
   python bench/eval_memory.py                           # k = 100, 10,000 (chunks of 100), 2,000 (one pass)
   python bench/eval_memory.py --runs 10/10,200/10,50/50 # quick
 """
 
+import argparse
 import time
 
 import harness
@@ -29,22 +29,21 @@ def child_nll(args):
 
 
 def main():
-    parser = harness.arguments(__doc__)
+    parser = harness.arguments(__doc__, hpconfig=False)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--runs", default="100/100,10000/100,2000/2000",
                         help="k/samples per pass, comma-separated (the last default: all k in one pass)")
     parser.add_argument("--checkpoint", default=str(harness.REFERENCE_DIR / "model.ckpt-3000"))
-    parser.add_argument("--k", type=int, default=1, help=harness.argparse.SUPPRESS)
-    parser.add_argument("--max_batch", type=int, default=100, help=harness.argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--max_batch", type=int, default=100, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return harness.run_as_child(args, {"nll": child_nll})
 
-    rows = []
-    for k, max_batch in (map(int, run.split("/")) for run in harness.listed(args.runs)):
-        rows.append(dict(harness.run_child(__file__, [
-            "--child", "nll", "--k", k, "--max_batch", max_batch, "--images", args.images,
-            "--checkpoint", args.checkpoint, "--data_dir", args.data_dir]), k=k, max_batch=max_batch))
+    runs = [tuple(map(int, run.split("/"))) for run in harness.listed(args.runs)]
+    rows = [dict(harness.run_child(__file__, [
+        "--child", "nll", "--k", k, "--max_batch", max_batch, "--images", args.images, "--checkpoint",
+        args.checkpoint, "--data_dir", args.data_dir]), k=k, max_batch=max_batch) for k, max_batch in runs]
     first = rows[0]
     for r in rows:
         r["vs_first"] = harness.ratio(r.get("peak_mib"), first.get("peak_mib"))

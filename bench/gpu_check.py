@@ -1,23 +1,16 @@
-"""For a host with GPUs: training speed and memory per precision, jit_compile and number of GPUs.
-
-For float32 (TF32 off), TF32 and mixed precision (bfloat16 IAF blocks: fast from Ampere on), each with
-jit_compile off and on, on 1 GPU and on all of them (MirroredStrategy), one child process runs the real
-training loop and reports the median step after its first 10 one-step calls (images: all GPUs), TFLOP/s
-(iaf_tf.flops' training FLOPs x images/s), the largest GPU's peak memory
-(tf.config.experimental.get_memory_info) and the steps skipped for a non-finite loss or gradient.
-On a machine without GPUs it prints one line saying so and exits 0.
+"""For a host with GPUs: the training loop per precision (float32 with TF32 off, TF32, mixed: bfloat16 IAF
+blocks), jit_compile off and on, on 1 GPU and on all: median step after the first 10 one-step calls,
+images/s over all GPUs, TFLOP/s (iaf_tf.flops x images/s), the largest GPU's peak memory, skipped steps.
+Without GPUs it prints one line saying so and exits 0.
 
 Usage:
   python bench/gpu_check.py                                   # README recipe, everything (~20 min)
-  python bench/gpu_check.py --precisions float32,mixed --jit on --gpus 1
-  python bench/gpu_check.py --preset table3 --steps 40 --steps_per_loop 20 --json gpu.json
+  python bench/gpu_check.py --precisions float32,mixed --jit on --gpus 1 --json gpu.json
 """
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import harness
@@ -35,7 +28,7 @@ def child_devices(args):
 
 def child_train(args):
     import tensorflow as tf
-    from iaf_tf import flops, train
+    from iaf_tf import flops
 
     tf.config.experimental.enable_tensor_float_32_execution(args.precision == "tf32")
     devices = [f"GPU:{i}" for i in range(args.num_gpus)]
@@ -43,20 +36,13 @@ def child_train(args):
         tf.config.experimental.reset_memory_stats(device)
     cfg = harness.config(args.config, args.hpconfig, "bfloat16" if args.precision == "mixed" else "float32",
                          args.jit_compile, num_gpus=args.num_gpus, steps_per_loop=args.steps_per_loop)
-    logdir = tempfile.mkdtemp(prefix="iaf_gpu_check_")
-    try:
-        loop_cfg = harness.loop_config(cfg, logdir, harness.FIRST_CALLS + args.steps, args.data_dir)
-        trainer = train.Trainer(loop_cfg)
-        records, result = harness.run_loop(loop_cfg, trainer=trainer)
-    finally:
-        shutil.rmtree(logdir, ignore_errors=True)
+    records, result, trainer = harness.run_loop(cfg, harness.FIRST_CALLS + args.steps, args.data_dir)
     timed = [r for r in records if r.step > harness.FIRST_CALLS]
     step_s = statistics.median(r.seconds for r in timed)
     flops_image = flops.training_flops_per_image(trainer.model)
-    return {"step_s": step_s, "images_per_s": timed[0].images / step_s, "replicas": trainer.num_replicas,
-            "tflops": flops_image * timed[0].images / step_s / 1e12, "gflop_per_image": flops_image / 1e9,
-            "peak_gib": max(tf.config.experimental.get_memory_info(d)["peak"] for d in devices) / 2**30,
-            "skipped": result.skipped, "steps_in_call": max(r.steps_in_call for r in timed)}
+    return {"step_s": step_s, "images_per_s": timed[0].images / step_s, "skipped": result.skipped,
+            "tflops": flops_image * timed[0].images / step_s / 1e12, "replicas": trainer.num_replicas,
+            "peak_gib": max(tf.config.experimental.get_memory_info(d)["peak"] for d in devices) / 2**30}
 
 
 COLUMNS = [Column("precision", "precision"), Column("jit", "jit"), Column("GPUs", "num_gpus", "d"),
@@ -97,12 +83,12 @@ def main():
     rows = []
     for num_gpus in [n for n in counts if 1 <= n <= found["gpus"]]:
         for precision in harness.listed(args.precisions):
-            for jit in harness.jit_settings(args.jit):
+            for jit in [{"off": False, "on": True}[j] for j in harness.listed(args.jit)]:
                 r = dict(run("train", precision, jit, num_gpus), precision=precision, jit="on" if jit else "off",
                          num_gpus=num_gpus)
-                rows.append(r)
                 print(f"  {precision} jit {r['jit']} {num_gpus} GPU(s): {r.get('images_per_s', r.get('error'))}",
                       file=sys.stderr)
+                rows.append(r)
     harness.print_table(COLUMNS, rows, labels=3, title=(
         f"\n{args.preset} {args.hpconfig}: training loop, median of {args.steps} steps after the first "
         f"{harness.FIRST_CALLS} calls, steps_per_loop {args.steps_per_loop}"),

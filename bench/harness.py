@@ -1,28 +1,20 @@
-"""What the bench scripts share: set-up, the calls into iaf_tf, child processes and their JSON record, the
-common options, the table printer and the same-process conv probe.
-
-It imports no TensorFlow at import time: the parents of the child processes stay light, and `setup` must
-run before TensorFlow's first op.
-"""
+"""What the bench scripts share: set-up, calls into iaf_tf, options, child processes and their JSON record,
+the table printer. No TensorFlow at import time: the parents stay light, and `setup` comes first."""
 
 import argparse
 import dataclasses
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Shared inputs live beside the checkout (../shared) unless the environment says otherwise.
-DATA_DIR = os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data"))
+DATA_DIR = os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data"))  # else beside the checkout
 REFERENCE_DIR = ROOT.parent / "shared" / "reference" / "tf1-small"
 TF_LOG_LEVEL = "3"  # bin/iaf.py's default: TensorFlow's C++ log off (Python errors still show)
-CONV_SHAPE = dict(batch=32, size=16, channels=160)  # the README recipe's main conv at its batch size
 FIRST_CALLS = 10  # train.train's first host calls run one step each (its first console lines)
 
 
@@ -52,6 +44,11 @@ def config(preset, hpconfig="", precision=None, jit_compile=None, **settings):
     return config_module.resolve(preset=preset, hpconfig=hpconfig, **{"num_gpus": 1, **settings})
 
 
+def child_config(args, **settings):
+    """A child's --config with its --hpconfig, --precision (where the script has it) and --jit_compile."""
+    return config(args.config, args.hpconfig, getattr(args, "precision", None), args.jit_compile, **settings)
+
+
 def batch_images(cfg, count, data_dir):
     """`count` CIFAR-10 test images for a CIFAR-10 config, else random uint8 images of the config's shape."""
     import numpy as np
@@ -62,14 +59,9 @@ def batch_images(cfg, count, data_dir):
     return np.random.default_rng(0).integers(0, 256, (count, size, size, channels), dtype=np.uint8)
 
 
-def loop_config(cfg, logdir, max_steps, data_dir):
-    """`cfg` for a benchmark run of train.train: no summaries or checkpoints between its first and last."""
-    return cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
-                       data_dir=data_dir)
-
-
-def run_loop(loop_cfg, on_step=None, trainer=None):
-    """train.train on a loop_config (a `trainer` must be made from it); returns (its StepRecords, its result)."""
+def run_loop(cfg, max_steps, data_dir, on_step=None):
+    """train.train of `cfg` for max_steps in a temporary logdir, saving only at the start and the end;
+    returns (its StepRecords, each also passed to on_step, its result, the Trainer)."""
     from iaf_tf import train
     records = []
 
@@ -78,22 +70,12 @@ def run_loop(loop_cfg, on_step=None, trainer=None):
         if on_step:
             on_step(r)
 
-    return records, train.train(loop_cfg, trainer=trainer, on_step=record, print_fn=quiet)
-
-
-def train_and_score(cfg, test_images, trainer=None, weights=("ema",)):
-    """train.train(cfg), then the test score (k = 1, the run's seed) of the checkpoint it saved, with each
-    of `weights` ("ema": the moving averages, what the original reports; "raw": the last weights)."""
-    import iaf_tf
-    from iaf_tf import train
-    begin = time.perf_counter()
-    result = train.train(cfg, trainer=trainer, print_fn=quiet)
-    scores = {"result": result, "train_s": time.perf_counter() - begin}
-    trained = scores["trained"] = iaf_tf.load(cfg.runtime.logdir, weights=weights[0])
-    for name in weights:
-        trained.load_weights(trained.checkpoint, weights=name)
-        scores[name] = trained.score(trained.nll(test_images, k=1, seed=cfg.runtime.seed))
-    return scores
+    with tempfile.TemporaryDirectory(prefix="iaf_loop_", ignore_cleanup_errors=True) as logdir:
+        cfg = cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
+                          data_dir=data_dir)
+        trainer = train.Trainer(cfg)
+        result = train.train(cfg, trainer=trainer, on_step=record, print_fn=quiet)
+    return records, result, trainer
 
 
 def peak_mib():
@@ -116,7 +98,7 @@ def listed(text):
 
 # ------------------------------------------------------------------------------ options and children
 
-def arguments(doc, configs=None, baseline=False, jit_help=argparse.SUPPRESS):
+def arguments(doc, configs=None, baseline=False, hpconfig=True, jit_help=argparse.SUPPRESS):
     """A parser with the options the scripts share, and the hidden ones of their child processes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if configs:
@@ -124,7 +106,8 @@ def arguments(doc, configs=None, baseline=False, jit_help=argparse.SUPPRESS):
     if baseline:
         parser.add_argument("--baseline", default=None, help="another checkout to run side by side, e.g. "
                             "from `git worktree add --detach /tmp/iaf-baseline <commit>`")
-    parser.add_argument("--hpconfig", default="", help="extra overrides for every config")
+    if hpconfig:
+        parser.add_argument("--hpconfig", default="", help="extra overrides for every config")
     parser.add_argument("--data_dir", default=DATA_DIR)
     parser.add_argument("--json", default=None, help="also write all records here")
     for name in ("--record", "--child", "--config"):
@@ -137,10 +120,6 @@ def arguments(doc, configs=None, baseline=False, jit_help=argparse.SUPPRESS):
 def checkouts(args):
     """[(name, root)]: this checkout, and --baseline's."""
     return [("current", ROOT)] + ([("baseline", Path(args.baseline).resolve())] if args.baseline else [])
-
-
-def jit_settings(text):
-    return [{"off": False, "on": True}[j] for j in listed(text)]
 
 
 def run_child(script, argv):
@@ -158,37 +137,16 @@ def run_child(script, argv):
     return {"error": f"exit {proc.returncode}: {tail or 'no record written'}"}
 
 
-def write_record(path, record):
-    """The child's result for its parent: one JSON object in the file the parent named."""
-    Path(path).write_text(json.dumps(record))
-
-
 def save_json(path, results):
     if path:
         Path(path).write_text(json.dumps(results, indent=1))
 
 
-def child_flops(args):
-    """The analytic FLOPs per image (iaf_tf.flops) of --config, forward and a training step."""
-    from iaf_tf import datasets, flops
-    from iaf_tf.model import CVAE
-    cfg = config(args.config, args.hpconfig)
-    model = CVAE(cfg, datasets.get(cfg.data.dataset)).build_for(1)
-    return {"forward": flops.forward_flops_per_image(model), "training": flops.training_flops_per_image(model)}
-
-
-def flops_per_image(script, config_name, hpconfig):
-    """child_flops of this checkout, run through `script` (whose --child flops calls it)."""
-    record = run_child(script, ["--child", "flops", "--config", config_name, "--hpconfig", hpconfig])
-    if "error" in record:
-        print(f"  flops {config_name}: {record['error']}", file=sys.stderr)
-    return record
-
-
 def run_as_child(args, children):
-    """In a child process: set up --root's iaf_tf, run children[--child](args), write its record."""
+    """In a child process: set up --root's iaf_tf, run children[--child](args), and write what it returns
+    as the JSON record its parent named."""
     setup(args.root)
-    write_record(args.record, {"flops": child_flops, **children}[args.child](args))
+    Path(args.record).write_text(json.dumps(children[args.child](args)))
 
 
 # -------------------------------------------------------------------------------------- tables
@@ -196,7 +154,7 @@ def run_as_child(args, children):
 @dataclasses.dataclass(frozen=True)
 class Column:
     """`value`: a key of the row or a function of it; `fmt`: for numbers, a format spec (".3f") or a
-    template ("{:.2f}x"), "" for text. A header may span lines ("train bpd\\n(last 100)")."""
+    template ("{:.2f}x"), "" for text. A header may span lines ("test bpd\\n(EMA)")."""
     header: str
     value: object
     fmt: str = ""
@@ -235,51 +193,3 @@ def print_table(columns, rows, title=None, notes=(), labels=1, out=print):
         out(line(texts) if texts else line([c.cell(row) for c in columns[:labels]]) + f" ERROR {row['error']}")
     for note in notes:
         out(note)
-
-
-# ------------------------------------------------------------------------------------ conv probe
-
-class ConvProbe:
-    """A plain 3x3 conv (forward and both backward passes) in one dtype, timed between the model's steps
-    so that a ratio compares the model with the machine under the same load: the machine is shared and
-    absolute seconds drift."""
-
-    def __init__(self, dtype, batch, size, channels):
-        import tensorflow as tf
-        self.flops = 3 * 2 * 9 * channels * channels * size * size * batch
-        self.inputs = [tf.cast(tf.random.normal(shape) * scale, dtype) for shape, scale in (
-            ([batch, size, size, channels], 1.0), ([3, 3, channels, channels], 0.05),
-            ([batch, size, size, channels], 1.0))]
-
-        @tf.function
-        def step(x, w, dy):
-            with tf.GradientTape() as tape:
-                tape.watch([x, w])
-                y = tf.nn.conv2d(x, w, 1, "SAME")
-            # y is returned so that the forward conv runs: the gradients alone do not need it.
-            return [y, *tape.gradient(y, [x, w], output_gradients=dy)]
-
-        self.step = step
-        self.seconds, self.cpu_seconds = [], []
-        self.run(reps=2, record=False)
-
-    def run(self, reps=3, record=True):
-        for _ in range(reps):
-            begin, cpu = time.perf_counter(), time.process_time()
-            self.step(*self.inputs)[2].numpy()
-            if record:
-                self.seconds.append(time.perf_counter() - begin)
-                self.cpu_seconds.append(time.process_time() - cpu)
-
-
-def conv_probes(precisions=("float32", "bfloat16")):
-    """{precision name: ConvProbe} at CONV_SHAPE."""
-    import tensorflow as tf
-    return {name: ConvProbe(tf.as_dtype(name), **CONV_SHAPE) for name in precisions}
-
-
-def probe_rates(probes):
-    """The probes' GFLOP/s per wall second, and per CPU second of this process (which other processes on
-    a shared machine affect less), for a JSON record."""
-    return {f"conv_{kind}gflops": {name: p.flops / statistics.median(times(p)) / 1e9 for name, p in probes.items()}
-            for kind, times in (("", lambda p: p.seconds), ("cpu_", lambda p: p.cpu_seconds))}

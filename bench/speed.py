@@ -1,24 +1,19 @@
-"""Speed and memory of training, the bin/iaf.py loop, evaluation and importance sampling, per precision,
-against a plain 3x3 conv of the model's main shape (batch 32, 16x16, 160 -> 160, forward and both backward
-passes) timed in the same process: "ratio" compares the model with the machine under the same load.
-
-Each measurement runs in a fresh process. FLOPs are iaf_tf.flops' count on this checkout's model, used
-for every checkout measured. "first step s" is what a run waits for before its first step is done:
-making the Trainer, the data-dependent init, tracing and the first call.
+"""Training per precision, each in a fresh process: s/step, GFLOP/s (iaf_tf.flops), "ratio" to a plain 3x3
+conv of the model's main shape (batch 32, 16x16, 160 channels, forward and both backward passes) timed in
+the same process, peak memory, time to the first step; the bin/iaf.py loop's step, peak and host trips.
 
 Usage:
   python bench/speed.py                                        # full: README recipe + cpu_quick
   python bench/speed.py --configs cpu_quick --precisions float32 --steps 3     # quick
   python bench/speed.py --configs readme_recipe --precisions float32 --steps 3 --baseline /tmp/iaf-baseline
   python bench/speed.py --configs imagenet64 --precisions float32 --only train --steps 2   # random images
+  python bench/speed.py --configs cpu_quick --precisions float32 --only loop --steps_per_loop 20 --steps 60
   python bench/speed.py --only trace --trace_blocks 2          # tracing time only, quick
 """
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,31 +21,40 @@ import harness
 from harness import Column, ratio
 
 
-# ----------------------------------------------------------------------------------------- children
+class ConvProbe:
+    """A plain 3x3 conv (forward and both backward passes) timed between the model's steps, so that a ratio
+    compares the model with the machine under the same load: on a shared machine absolute seconds drift."""
 
-def conv_dtypes(concrete):
-    """{dtype: number of conv ops} in a traced function and every function it calls: tells whether a
-    bfloat16 run really computes in bfloat16."""
-    import tensorflow as tf
-    graph_def = concrete.graph.as_graph_def()
-    counts = {}
-    for node in list(graph_def.node) + [node for f in graph_def.library.function for node in f.node_def]:
-        if "Conv2D" in node.op and "T" in node.attr:
-            name = tf.dtypes.as_dtype(node.attr["T"].type).name
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+    def __init__(self, dtype, batch=32, size=16, channels=160):
+        import tensorflow as tf
+        self.flops = 3 * 2 * 9 * channels * channels * size * size * batch
+        images, weights = [batch, size, size, channels], [3, 3, channels, channels]
+        self.inputs = [tf.cast(tf.random.normal(s) * c, dtype) for s, c in ((images, 1), (weights, 0.05), (images, 1))]
 
+        @tf.function
+        def step(x, w, dy):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                y = tf.nn.conv2d(x, w, 1, "SAME")
+            # y is returned so that the forward conv runs: the gradients alone do not need it.
+            return [y, *tape.gradient(y, [x, w], output_gradients=dy)]
 
-def child_config(args):
-    return harness.config(args.config, args.hpconfig, args.precision, args.jit_compile)
+        self.step, self.seconds = step, []
+        self.step(*self.inputs)[2].numpy()  # trace
+
+    def run(self, reps=3):
+        for _ in range(reps):
+            begin = time.perf_counter()
+            self.step(*self.inputs)[2].numpy()
+            self.seconds.append(time.perf_counter() - begin)
 
 
 def child_train(args):
     import numpy as np
     import tensorflow as tf
-    from iaf_tf import train
+    from iaf_tf import flops, train
 
-    cfg = child_config(args)
+    cfg = harness.child_config(args)
     images = harness.batch_images(cfg, cfg.optimization.batch_size, args.data_dir)
     begin = time.perf_counter()
     trainer = train.Trainer(cfg)
@@ -58,117 +62,93 @@ def child_train(args):
     build_s = time.perf_counter() - begin
     step, batch = trainer.train_step, tf.constant(images)
     begin = time.perf_counter()
-    concrete = step.get_concrete_function(batch)
+    step.get_concrete_function(batch)
     trace_s = time.perf_counter() - begin
+    if args.child == "trace":
+        return {"blocks": sum(cfg.model.level_depths), "build_s": build_s, "trace_s": trace_s,
+                "peak_mib": harness.peak_mib()}
     begin = time.perf_counter()
     float(step(batch)[0]["objective"])
     first_s = time.perf_counter() - begin
     for _ in range(args.warmup):
         float(step(batch)[0]["objective"])
 
-    probes = harness.conv_probes() if args.probe else {}
-    losses, seconds, cpu_seconds = [], [], []
+    probes = {name: ConvProbe(tf.as_dtype(name)) for name in ("float32", "bfloat16")}
+    losses, seconds = [], []
     for _ in range(args.steps):
-        begin, cpu = time.perf_counter(), time.process_time()
+        begin = time.perf_counter()
         losses.append(float(step(batch)[0]["objective"]))
         seconds.append(time.perf_counter() - begin)
-        cpu_seconds.append(time.process_time() - cpu)
         for probe in probes.values():
             probe.run()
     return {"build_s": build_s, "trace_s": trace_s, "first_call_s": first_s,
             "first_step_s": build_s + trace_s + first_s, "step_s": statistics.median(seconds),
-            "step_s_all": seconds, "cpu_step_s": statistics.median(cpu_seconds), "peak_mib": harness.peak_mib(),
-            "losses": losses, "finite": bool(np.all(np.isfinite(losses))), "batch_size": len(images),
-            "conv_dtypes": conv_dtypes(concrete), **harness.probe_rates(probes)}
+            "step_s_all": seconds, "peak_mib": harness.peak_mib(), "losses": losses,
+            "finite": bool(np.all(np.isfinite(losses))), "batch_size": len(images),
+            "training_flops_per_image": flops.training_flops_per_image(trainer.model),
+            "conv_gflops": {name: p.flops / statistics.median(p.seconds) / 1e9 for name, p in probes.items()}}
 
 
-def child_eval(args):
-    import numpy as np
-    import tensorflow as tf
-    from iaf_tf import datasets
-    from iaf_tf.likelihood import Evaluator
-    from iaf_tf.model import CVAE
+class HostTrips:
+    """Counts, while active, the host's trips to the device: the outermost eager calls of tf.functions and
+    data iterators, and blocking reads of eager tensors (their classes' methods wrapped until close())."""
 
-    cfg = child_config(args)
-    n = cfg.evaluation.eval_batch_size
-    images = harness.batch_images(cfg, n * args.eval_batches, args.data_dir)
-    model = CVAE(cfg, datasets.get(cfg.data.dataset)).build_for(1)
-    model.initialize(tf.constant(images[:cfg.optimization.batch_size]), tf.constant([0, -1], tf.int64))
-    evaluator = Evaluator(model, jit_compile=bool(args.jit_compile))
-    evaluator.nll(images[:n], k=1, max_batch=n)  # trace
-    probes = harness.conv_probes() if args.probe else {}
-    begin = time.perf_counter()
-    nll = evaluator.nll(images, k=1, max_batch=n)
-    eval_s = time.perf_counter() - begin
-    for probe in probes.values():
-        probe.run()
-    k = 2 * n  # importance sampling: one image, two passes of eval_batch_size samples
-    evaluator.nll(images[:1], k=k, max_batch=n)  # trace
-    begin = time.perf_counter()
-    evaluator.nll(images[1:2], k=k, max_batch=n)
-    is_s = time.perf_counter() - begin
-    for probe in probes.values():
-        probe.run()
-    return {"images": len(images), "eval_s": eval_s, "is_samples": k, "is_s": is_s, "eval_batch": n,
-            "peak_mib": harness.peak_mib(), "finite": bool(np.all(np.isfinite(nll))), **harness.probe_rates(probes)}
+    def __init__(self):
+        import tensorflow as tf
+        from tensorflow.python.data.ops import iterator_ops
+        from tensorflow.python.distribute import input_lib
+        from tensorflow.python.eager.polymorphic_function import polymorphic_function
+        from tensorflow.python.framework import ops
+
+        self.active, self.depth, self.count, self.undo = False, 0, 0, []
+        for cls, attribute in ((ops._EagerTensorBase, "_numpy"), (polymorphic_function.Function, "__call__"),
+                               (iterator_ops.OwnedIterator, "__next__"),
+                               (input_lib.DistributedIteratorBase, "__next__")):
+            original = cls.__dict__[attribute]
+
+            def wrapped(*args, _original=original, **kwargs):
+                self.count += self.active and self.depth == 0 and tf.executing_eagerly()
+                self.depth += 1
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.depth -= 1
+
+            setattr(cls, attribute, wrapped)
+            self.undo.append((cls, attribute, original))
+
+    def close(self):
+        for cls, attribute, original in self.undo:
+            setattr(cls, attribute, original)
 
 
 def child_loop(args):
-    """The real training loop (train.train: data pipeline, summaries, checkpoints at the start and end)."""
-    cfg = child_config(args)
-    logdir = tempfile.mkdtemp(prefix="iaf_speed_")
+    """The real training loop (train.train: data pipeline, checkpoints at the start and end), timed and
+    its host trips counted after its first one-step calls (all are one step with steps_per_loop 1)."""
+    cfg = harness.child_config(args, steps_per_loop=args.steps_per_loop)
+    first = harness.FIRST_CALLS if args.steps_per_loop > 1 else args.warmup + 1  # the first step traces
+    trips = HostTrips()
+
+    def count_after_first(r):
+        trips.active = first <= r.step < first + args.steps
+
     try:
-        records, _ = harness.run_loop(harness.loop_config(cfg, logdir, args.warmup + 1 + args.steps, args.data_dir))
+        records, _, _ = harness.run_loop(cfg, first + args.steps, args.data_dir, count_after_first)
     finally:
-        shutil.rmtree(logdir, ignore_errors=True)
-    timed = [r.seconds for r in records[args.warmup + 1:]]  # the first step traces
-    return {"step_s": statistics.median(timed) if timed else None, "step_s_all": [r.seconds for r in records],
-            "batch_size": cfg.optimization.batch_size, "peak_mib": harness.peak_mib()}
-
-
-def child_trace(args):
-    import tensorflow as tf
-    from iaf_tf import train
-
-    cfg = child_config(args)
-    begin = time.perf_counter()
-    trainer = train.Trainer(cfg)
-    build_s = time.perf_counter() - begin
-    size = cfg.data.image_size
-    spec = tf.TensorSpec([cfg.optimization.batch_size, size, size, trainer.model.channels], tf.uint8)
-    begin = time.perf_counter()
-    trainer.train_step.get_concrete_function(spec)
-    return {"blocks": sum(cfg.model.level_depths), "build_s": build_s, "trace_s": time.perf_counter() - begin,
+        trips.close()
+    timed = [r.seconds for r in records[first:]]
+    return {"step_s": statistics.median(timed), "step_s_all": [r.seconds for r in records],
+            "trips_per_step": trips.count / len(timed), "batch_size": cfg.optimization.batch_size,
             "peak_mib": harness.peak_mib()}
 
 
-# ------------------------------------------------------------------------------------------- parent
-
-def add_train_figures(r, flops):
-    """Images/s, GFLOP/s and the ratios to the same-process conv of the same precision."""
-    work = flops.get("training", 0) * r["batch_size"]
+def add_train_figures(r):
+    """Images/s, GFLOP/s (iaf_tf.flops) and the ratio to the same-process conv of the same precision."""
     r["images_per_s"] = r["batch_size"] / r["step_s"]
-    r["gflop_per_image"] = flops.get("training", 0) / 1e9 or None
-    r["gflops"] = work / r["step_s"] / 1e9 or None
+    r["gflop_per_image"] = r["training_flops_per_image"] / 1e9
+    r["gflops"] = r["gflop_per_image"] * r["images_per_s"]
     r["ratio"] = ratio(r["gflops"], r["conv_gflops"].get(r["precision"]))
-    r["cpu_ratio"] = ratio(work / r["cpu_step_s"] / 1e9 or None, r["conv_cpu_gflops"].get(r["precision"]))
-    notes = [] if r["finite"] else ["NON-FINITE LOSS"]
-    if r["precision"] == "bfloat16" and "bfloat16" not in r["conv_dtypes"]:
-        notes.append("(computes in float32: this checkout ignores mixed_precision)")
-    r["note"] = "  ".join(notes)
-
-
-def add_eval_figures(r, flops):
-    forward = flops.get("forward", 0)
-    r["eval_images_per_s"] = r["images"] / r["eval_s"]
-    r["is_samples_per_s"] = r["is_samples"] / r["is_s"]
-    r["eval_gflops"] = forward * r["images"] / r["eval_s"] / 1e9 or None
-    r["is_gflops"] = forward * r["is_samples"] / r["is_s"] / 1e9 or None
-    r["note"] = "" if r["finite"] else "NON-FINITE"
-
-
-def add_loop_figures(r, _flops):
-    r["images_per_s"] = ratio(r["batch_size"], r["step_s"])
+    r["note"] = "" if r["finite"] else "NON-FINITE LOSS"
 
 
 LABELS = [Column("code", "code"), Column("config", "config"), Column("prec", "variant")]
@@ -178,14 +158,11 @@ PEAK = Column("peak MiB", "peak_mib", ".0f")
 TRAIN_COLUMNS = LABELS + [
     Column("step s", "step_s", ".3f"), Column("img/s", "images_per_s", ".2f"),
     Column("GFLOP/img", "gflop_per_image", ".2f"), Column("GFLOP/s", "gflops", ".1f"), *CONV,
-    Column("ratio", "ratio", ".3f"), PEAK, Column("cpu ratio", "cpu_ratio", ".3f"),
+    Column("ratio", "ratio", ".3f"), PEAK,
     Column("trace s", "trace_s", ".2f"), Column("first step s", "first_step_s", ".2f"), Column("", "note")]
-LOOP_COLUMNS = LABELS + [Column("step s", "step_s", ".3f"), Column("img/s", "images_per_s", ".2f"), PEAK]
-EVAL_COLUMNS = LABELS + [
-    Column("eval img/s", "eval_images_per_s", ".2f"), Column("GFLOP/s", "eval_gflops", ".1f"),
-    Column("IS smp/s", "is_samples_per_s", ".2f"), Column("GFLOP/s", "is_gflops", ".1f"), *CONV, PEAK,
-    Column("", "note")]
-TRACE_COLUMNS = [Column("code", "code"), Column("blocks", "blocks", "d"), Column("build s", "build_s", ".2f"),
+LOOP_COLUMNS = LABELS + [Column("step s", "step_s", ".3f"), Column("img/s", "images_per_s", ".2f"), PEAK,
+                         Column("host trips/step", "trips_per_step", ".2f")]
+TRACE_COLUMNS = [Column("code", "code"), Column("blocks", "blocks", "d"), Column("build+init s", "build_s", ".2f"),
                  Column("trace s", "trace_s", ".2f"), PEAK]
 
 
@@ -222,29 +199,26 @@ def main():
     parser = harness.arguments(__doc__, configs="readme_recipe,cpu_quick", baseline=True,
                                jit_help="also run float32 with jit_compile=true")
     parser.add_argument("--precisions", default="float32,bfloat16")
-    parser.add_argument("--only", default="train,loop,eval,trace", help="any of train,loop,eval,trace")
+    parser.add_argument("--only", default="train,loop,trace", help="any of train,loop,trace")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per config")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
-    parser.add_argument("--eval_batches", type=int, default=1)
+    parser.add_argument("--steps_per_loop", type=int, default=1, help="--only loop: steps per call from the host")
     parser.add_argument("--trace_blocks", default="20,40", help="--only trace: README-recipe num_blocks")
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return harness.run_as_child(args, {"train": child_train, "eval": child_eval, "loop": child_loop,
-                                           "trace": child_trace})
+        return harness.run_as_child(args, {"train": child_train, "loop": child_loop, "trace": child_train})
 
     codes, configs, only = harness.checkouts(args), harness.listed(args.configs), set(args.only.split(","))
-    results = {"train": [], "loop": [], "eval": [], "trace": []}
-    flops = {}
+    results = {"train": [], "loop": [], "trace": []}
 
-    def run(kind, root, config, precision="float32", hpconfig=args.hpconfig, probe=True, jit=False):
-        argv = ["--child", kind, "--root", root, "--config", config, "--precision", precision,
-                "--hpconfig", hpconfig, "--steps", args.steps, "--warmup", args.warmup,
-                "--data_dir", args.data_dir, "--eval_batches", args.eval_batches]
-        return harness.run_child(Path(__file__).resolve(), argv + ["--probe"] * probe + ["--jit_compile"] * jit)
+    def run(kind, root, config, precision="float32", hpconfig=args.hpconfig, jit=False):
+        return harness.run_child(Path(__file__).resolve(), [
+            "--child", kind, "--root", root, "--config", config, "--precision", precision, "--hpconfig", hpconfig,
+            "--steps", args.steps, "--warmup", args.warmup, "--steps_per_loop", args.steps_per_loop,
+            "--data_dir", args.data_dir] + ["--jit_compile"] * jit)
 
-    def sweep(kind, variants, figures, probe=True):
+    def sweep(kind, variants, figures):
         """`kind` for every config, (precision, jit) variant and checkout; the baseline in float32 only."""
         for config in configs:
             for precision, jit in variants:
@@ -252,12 +226,10 @@ def main():
                     if code == "baseline" and (precision != "float32" or jit):
                         continue
                     name = precision + ("+xla" if jit else "")
-                    r = run(kind, root, config, precision, probe=probe, jit=jit)
+                    r = run(kind, root, config, precision, jit=jit)
                     r.update(code=code, config=config, precision=precision, variant=name)
                     if "error" not in r:
-                        if config not in flops:
-                            flops[config] = harness.flops_per_image(__file__, config, args.hpconfig)
-                        figures(r, flops[config])
+                        figures(r)
                     results[kind].append(r)
                     print(f"  {kind} {code} {config} {name}: {r.get('step_s', r.get('error', 'done'))}",
                           file=sys.stderr)
@@ -267,25 +239,19 @@ def main():
         sweep("train", plain + [("float32", True)] * args.jit_compile, add_train_figures)
         harness.print_table(TRAIN_COLUMNS, results["train"], labels=3, title=(
             "\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)"),
-            notes=["ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process (wall clock).",
-                   "cpu ratio = the same per CPU-second of the process: other processes on the machine "
-                   "affect it less.",
+            notes=["ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process.",
                    "first step s = making the Trainer and its data-dependent init, tracing, and the first call."]
             + comparisons(results["train"]) + precision_case(results["train"]))
     if "loop" in only:
-        sweep("loop", plain, add_loop_figures, probe=False)
+        sweep("loop", plain, lambda r: r.update(images_per_s=ratio(r["batch_size"], r["step_s"])))
         harness.print_table(LOOP_COLUMNS, results["loop"], labels=3, title=(
-            "\nThe training loop of bin/iaf.py (train.train on CIFAR-10 train, with its checkpoints): peak memory"))
-    if "eval" in only:
-        sweep("eval", plain, add_eval_figures)
-        harness.print_table(EVAL_COLUMNS, results["eval"], labels=3, title=(
-            "\nEvaluation (k=1, eval_batch_size per pass) and importance sampling (1 image, k=2*eval_batch_size)"))
+            f"\nThe training loop of bin/iaf.py (train.train, steps_per_loop {args.steps_per_loop}): host trips are "
+            "tf.function calls, iterator next() and blocking reads from Python"))
     if "trace" in only:
         for blocks in harness.listed(args.trace_blocks):
             for code, root in codes:
                 hpconfig = ",".join(harness.listed(f"num_blocks={blocks},{args.hpconfig}"))
-                results["trace"].append(dict(run("trace", root, "readme_recipe", hpconfig=hpconfig, probe=False),
-                                             code=code))
+                results["trace"].append(dict(run("trace", root, "readme_recipe", hpconfig=hpconfig), code=code))
         harness.print_table(TRACE_COLUMNS, results["trace"],
                             title="\ntf.function tracing of the training step (README recipe, batch 32)")
     harness.save_json(args.json, results)

@@ -1,23 +1,15 @@
 """What a training step asks of the device, counted on a CPU (float32, one replica), and where its time goes.
 
-  ops/step       executor ops per call of trainer.train_step (TF profiler, --steps calls after warm-up),
-                 a compiled XLA program counted as one op; without XLA each is at least one GPU launch.
-  XLA launches   of those, compiled programs launched.
-  XLA kernels    the kernels of the step's own compiled functions (STEP_ROLES: with jit, its gradients and
-                 update; without, the update when xla_programs is on): the top-level instructions of the
-                 entry computation XLA's CPU backend dumps, calls inlined, a conditional's larger branch
-                 and a while loop's body counted once. The GPU backend's fusion is close to, not the same.
-  host trips     calls from Python into the runtime (tf.function calls, iterator next()) and blocking
-                 tensor reads, per step of a real train.train run after its first 10 one-step calls
-                 (--loop_steps steps); --sites says where they come from.
-  s/step, vs conv  those steps' median seconds; model GFLOP/s over a same-process 3x3 conv's (float32).
-  --types N      the N op types that take most of a step's time (summed over the executor's threads, so
-                 the total can exceed the wall time; convolutions under oneDNN's kernel names).
+  ops/step       executor ops per call of trainer.train_step (TF profiler, --steps calls after one), an XLA
+                 program counted as one (XLA launches: how many of them); else each op is a GPU launch.
+  XLA kernels    of the step's compiled functions (STEP_ROLES): the top-level instructions of the entry
+                 computation in XLA's CPU dump, calls inlined, a conditional's larger branch and a while
+                 loop's body once. The GPU backend fuses about, not exactly, the same.
+  --types N      the N op types taking most of a step's time, summed over the executor's threads.
 
 Usage:
-  python bench/step_kernels.py --configs cpu_quick --jit off,on --steps 3 --loop_steps 60   # quick
-  python bench/step_kernels.py --configs readme_recipe --baseline /tmp/iaf-baseline
-  python bench/step_kernels.py --configs readme_recipe --jit off --steps 2 --loop_steps 4 --types 30
+  python bench/step_kernels.py --configs cpu_quick --jit off,on --steps 3     # quick
+  python bench/step_kernels.py --configs readme_recipe --jit off --steps 2 --types 30
 """
 
 import argparse
@@ -25,15 +17,13 @@ import collections
 import glob
 import os
 import re
-import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import harness
-from harness import Column, ratio
+from harness import Column
 
 STEP_ROLES = ("_gradients", "_update", "train_step")  # the compiled functions a training step launches
 
@@ -44,7 +34,7 @@ _TRIVIAL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "a
 
 
 def hlo_computations(text):
-    """({computation name: [(opcode, rest of line)]}, entry name) of an HLO module's text."""
+    """({computation name: [(opcode, instruction line)]}, entry name) of an HLO module's text."""
     computations, entry, current = {}, None, None
     for line in text.splitlines():
         if line and not line[0].isspace() and line.rstrip().endswith("{") and "(" in line:
@@ -53,18 +43,10 @@ def hlo_computations(text):
             entry = name if line.startswith("ENTRY") else entry
         elif line.startswith("}"):
             current = None
-        elif current is not None and " = " in line:
-            rest = line.split(" = ", 1)[1]
-            if rest.startswith("("):  # a tuple shape, with spaces in it
-                depth = 0
-                for i, char in enumerate(rest):
-                    depth += (char == "(") - (char == ")")
-                    if depth == 0:
-                        break
-                rest = rest[i + 1:].lstrip()
-            else:
-                rest = rest.split(" ", 1)[1] if " " in rest else ""
-            current.append((rest.split("(", 1)[0], rest))
+        elif current is not None and " = " in line:  # "%name = shape opcode(operands), attributes"
+            opcode = re.search(r"\s([a-z][\w\-]*)\(", " " + line.split(" = ", 1)[1])
+            if opcode:
+                current.append((opcode.group(1), line))
     return computations, entry
 
 
@@ -147,95 +129,17 @@ def op_types(profile_dir):
     return totals
 
 
-# -------------------------------------------------------------------------------------- host trips
-
-class HostTrips:
-    """Counts, while active, the outermost eager calls into tf.functions and data iterators, and the
-    blocking reads of eager tensors (class-level wrappers, undone by close)."""
-
-    def __init__(self):
-        import tensorflow as tf
-        from tensorflow.python.data.ops import iterator_ops
-        from tensorflow.python.distribute import input_lib
-        from tensorflow.python.eager.polymorphic_function import polymorphic_function
-        from tensorflow.python.framework import ops
-
-        self.active, self.depth, self.undo = False, 0, []
-        self.counts, self.sites = collections.Counter(), collections.Counter()
-        for cls, attribute, kind in ((ops._EagerTensorBase, "_numpy", "reads"),
-                                     (polymorphic_function.Function, "__call__", "calls"),
-                                     (iterator_ops.OwnedIterator, "__next__", "calls"),
-                                     (input_lib.DistributedIteratorBase, "__next__", "calls")):
-            original = cls.__dict__[attribute]
-
-            def wrapped(*args, _original=original, _kind=kind, **kwargs):
-                if self.active and self.depth == 0 and tf.executing_eagerly():
-                    self.counts[_kind] += 1
-                    self.sites[f"{_kind} {self._site()}"] += 1
-                self.depth += 1
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self.depth -= 1
-
-            setattr(cls, attribute, wrapped)
-            self.undo.append((cls, attribute, original))
-
-    @staticmethod
-    def _site():
-        """file:line of the nearest caller outside TensorFlow and this file."""
-        frame = sys._getframe(2)
-        while frame and ("/tensorflow/" in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
-            frame = frame.f_back
-        return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}" if frame else "?"
-
-    def close(self):
-        for cls, attribute, original in reversed(self.undo):
-            setattr(cls, attribute, original)
-
-
-# ------------------------------------------------------------------------------------------ children
-
 def child_measure(args):
     import tensorflow as tf
     from iaf_tf import train
 
-    cfg = harness.config(args.config, args.hpconfig, "float32", args.jit_compile,
-                         steps_per_loop=args.steps_per_loop, xla_programs=args.xla_programs)
-    first, last = harness.FIRST_CALLS, harness.FIRST_CALLS + args.loop_steps
-    logdir = tempfile.mkdtemp(prefix="iaf_kernels_")
-    loop_cfg = harness.loop_config(cfg, logdir, last, args.data_dir)
-    trainer = train.Trainer(loop_cfg)
-    probe = harness.ConvProbe(tf.float32, **harness.CONV_SHAPE)
-    trips = HostTrips()
-    window = {"calls": 0, "in_call": 0}
-
-    def on_step(r):
-        # The window opens at the end of the last one-step call; the probe runs between calls, uncounted.
-        if r.step == first:
-            probe.run(reps=2)
-            window["begin"], trips.active = time.perf_counter(), True
-        elif r.step > first:
-            window["in_call"] += 1
-            if window["in_call"] == r.steps_in_call:  # the call's last step
-                window["calls"] += 1
-                window["in_call"], trips.active = 0, False
-                probe.run(reps=1)
-                trips.active = r.step < last
-
-    try:
-        records, _ = harness.run_loop(loop_cfg, on_step=on_step, trainer=trainer)
-    finally:
-        shutil.rmtree(logdir, ignore_errors=True)
-        trips.close()
-    timed = [r.seconds for r in records if r.step > first]
-
-    # The step function alone, profiled after one untimed call.
-    step, batch = trainer.train_step, tf.constant(harness.batch_images(cfg, cfg.optimization.batch_size,
-                                                                         args.data_dir))
+    cfg = harness.child_config(args, xla_programs=args.xla_programs)
+    images = harness.batch_images(cfg, cfg.optimization.batch_size, args.data_dir)
+    trainer = train.Trainer(cfg)
+    trainer.initialize(images)
+    step, batch = trainer.train_step, tf.constant(images)
     float(step(batch)[0]["objective"])
-    profile_dir = tempfile.mkdtemp(prefix="iaf_kernels_profile_")
-    try:
+    with tempfile.TemporaryDirectory(prefix="iaf_kernels_profile_") as profile_dir:
         tf.profiler.experimental.start(profile_dir)
         begin = time.perf_counter()
         for _ in range(args.steps):
@@ -243,39 +147,18 @@ def child_measure(args):
         wall_ms = (time.perf_counter() - begin) * 1e3 / args.steps
         tf.profiler.experimental.stop()
         types = {t: [ms / args.steps, n / args.steps] for t, (ms, n) in op_types(profile_dir).items()}
-    finally:
-        shutil.rmtree(profile_dir, ignore_errors=True)
-    modules = step_modules(args.xla_dump) if args.xla_dump else {}
-    return {
-        "batch_size": cfg.optimization.batch_size, "ops_per_step": sum(n for _, n in types.values()),
-        "op_types": dict(sorted(types.items(), key=lambda kv: -kv[1][0])), "profiled_wall_ms": wall_ms,
-        "xla_launches_per_step": types.get(XLA_LAUNCH, [0, 0])[1],
-        "xla_kernels_per_step": sum(k for k, _ in modules.values()) if modules else None,
-        "xla_modules": modules, "window_steps": len(timed), "window_calls": window["calls"],
-        "host_calls": trips.counts["calls"], "host_reads": trips.counts["reads"],
-        "host_sites": dict(trips.sites.most_common()), "step_s": statistics.median(timed) if timed else None,
-        "step_s_all": [r.seconds for r in records], **harness.probe_rates({"float32": probe}),
-        "peak_mib": harness.peak_mib()}
-
-
-# -------------------------------------------------------------------------------------------- parent
-
-def add_figures(r, flops):
-    trips = r["host_calls"] + r["host_reads"]
-    r["trips_per_step"] = ratio(trips, r["window_steps"])
-    r["trips_per_call"] = ratio(trips, r["window_calls"])
-    r["steps_per_call"] = ratio(r["window_steps"], r["window_calls"])
-    r["images_per_s"] = ratio(r["batch_size"], r["step_s"])
-    gflops = ratio(flops.get("training", 0) * r["batch_size"] / 1e9, r["step_s"])
-    r["vs_conv"] = ratio(gflops, r["conv_gflops"].get("float32"))
+    modules = step_modules(args.xla_dump)
+    return {"ops_per_step": sum(n for _, n in types.values()), "profiled_ms": wall_ms,
+            "op_types": dict(sorted(types.items(), key=lambda kv: -kv[1][0])),
+            "xla_launches_per_step": types.get(XLA_LAUNCH, [0, 0])[1],
+            "xla_kernels_per_step": sum(k for k, _ in modules.values()) if modules else None,
+            "xla_modules": modules, "peak_mib": harness.peak_mib()}
 
 
 COLUMNS = [Column("config", "config"), Column("checkout", "code"), Column("jit", "jit"),
-           Column("ops/step", "ops_per_step", ".0f"), Column("XLA\nlaunches", "xla_launches_per_step", ".0f"),
-           Column("XLA kernels\n/step", "xla_kernels_per_step", "d"),
-           Column("host trips\n/step", "trips_per_step", ".2f"), Column("trips\n/call", "trips_per_call", ".1f"),
-           Column("steps\n/call", "steps_per_call", ".1f"), Column("s/step", "step_s", ".3f"),
-           Column("img/s", "images_per_s", ".1f"), Column("vs conv", "vs_conv", ".3f")]
+           Column("ops/step", "ops_per_step", ".0f"), Column("XLA launches", "xla_launches_per_step", ".0f"),
+           Column("XLA kernels/step", "xla_kernels_per_step", "d"), Column("ms/step (profiled)", "profiled_ms", ".0f"),
+           Column("peak MiB", "peak_mib", ".0f")]
 
 
 def print_details(r, args):
@@ -291,62 +174,38 @@ def print_details(r, args):
              Column("ops/step", "count", ".0f")],
             [{"type": t, "ms": ms, "share": ms / op_ms, "count": n}
              for t, (ms, n) in list(r["op_types"].items())[:args.types]],
-            title=f"\n{label}: wall {r['profiled_wall_ms']:.0f} ms/step, op time {op_ms:.0f} ms/step "
-                  "(summed over threads)")
-    if args.sites:
-        print(f"{label}: host calls and reads in {r['window_steps']} steps: " + "; ".join(
-            f"{site} x{n}" for site, n in r["host_sites"].items()))
+            title=f"\n{label}: op time {op_ms:.0f} ms/step (summed over threads)")
 
 
 def main():
     parser = harness.arguments(__doc__, configs="cpu_quick,readme_recipe,table3", baseline=True)
     parser.add_argument("--jit", default="off,on", help="jit_compile settings to run: off, on or off,on")
     parser.add_argument("--steps", type=int, default=2, help="profiled calls of train_step per child")
-    parser.add_argument("--loop_steps", type=int, default=None,
-                        help="train.train steps counted after its first 10 one-step calls "
-                             "(default: steps_per_loop for cpu_quick, 4 for the other presets)")
-    parser.add_argument("--steps_per_loop", type=int, default=20)
     parser.add_argument("--xla_programs", default="on", choices=("on", "off", "auto"),
                         help="on (the default): what a GPU runs without jit_compile; auto: this host's default")
     parser.add_argument("--types", type=int, default=0, help="also list the N op types that take most time")
-    parser.add_argument("--sites", action="store_true", help="also list where the host calls and reads come from")
     parser.add_argument("--xla_dump", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        if args.xla_dump:  # before TensorFlow is imported
-            os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={args.xla_dump}",
-                                                "--xla_dump_hlo_as_text"]).strip()
+    if args.child:  # XLA's flags before TensorFlow is imported
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), f"--xla_dump_to={args.xla_dump}",
+                                            "--xla_dump_hlo_as_text"]).strip()
         return harness.run_as_child(args, {"measure": child_measure})
 
     rows = []
     for config in harness.listed(args.configs):
-        loop_steps = args.loop_steps or (args.steps_per_loop if config == "cpu_quick" else 4)
-        flops = harness.flops_per_image(__file__, config, args.hpconfig)
-        for jit in harness.jit_settings(args.jit):
+        for jit in [{"off": False, "on": True}[j] for j in harness.listed(args.jit)]:
             for code, root in harness.checkouts(args):
-                begin, dump = time.time(), tempfile.mkdtemp(prefix="iaf_xla_dump_")
-                try:
+                begin = time.time()
+                with tempfile.TemporaryDirectory(prefix="iaf_xla_dump_") as dump:
                     r = harness.run_child(Path(__file__).resolve(), [
                         "--child", "measure", "--root", root, "--config", config, "--hpconfig", args.hpconfig,
-                        "--steps", args.steps, "--loop_steps", loop_steps, "--steps_per_loop", args.steps_per_loop,
-                        "--xla_programs", args.xla_programs, "--data_dir", args.data_dir, "--xla_dump", dump]
-                        + ["--jit_compile"] * jit)
-                finally:
-                    shutil.rmtree(dump, ignore_errors=True)
-                r.update(config=config, code=code, jit="on" if jit else "off")
-                if "error" not in r:
-                    add_figures(r, flops)
-                rows.append(r)
-                print(f"  {config} {code} jit {r['jit']}: {time.time() - begin:.0f} s {r.get('error', '')}",
+                        "--steps", args.steps, "--xla_programs", args.xla_programs, "--data_dir", args.data_dir,
+                        "--xla_dump", dump] + ["--jit_compile"] * jit)
+                rows.append(dict(r, config=config, code=code, jit="on" if jit else "off"))
+                print(f"  {config} {code} jit {rows[-1]['jit']}: {time.time() - begin:.0f} s {r.get('error', '')}",
                       file=sys.stderr)
-    harness.print_table(COLUMNS, rows, labels=3, notes=[
-        "ops/step: executor ops per train_step call (profiled), an XLA launch counted as one. XLA kernels: "
-        "top-level kernels of the step's compiled functions (CPU backend's HLO).",
-        f"host trips: tf.function calls, iterator next() and blocking reads from Python, per step of train.train "
-        f"after its first {harness.FIRST_CALLS} one-step calls. vs conv: model GFLOP/s over a same-process "
-        "3x3 conv's (float32)."], title=(
-        f"\nWhat a training step asks of the device (float32, 1 replica; --steps_per_loop {args.steps_per_loop}, "
-        f"xla_programs={args.xla_programs})"))
+    harness.print_table(COLUMNS, rows, labels=3, notes=["The columns: python bench/step_kernels.py --help"], title=(
+        f"\nWhat a training step asks of the device (float32, 1 replica, xla_programs={args.xla_programs})"))
     for r in rows:
         if "error" not in r:
             print_details(r, args)
