@@ -34,6 +34,8 @@ def main():
                           download=False, checkpoint_every=10**9)
     spec = datasets.get(base.data.dataset)
     test_images = spec.load("test", base.data.image_size, args.data_dir, evaluation=True)[:args.test_images]
+    expected = json.loads((harness.REFERENCE_DIR / "expected.json").read_text())[
+        "training_curve_from_scratch"]["ema_test_bpd_after_3000_steps"]
     rows = []
     for posterior in harness.listed(args.posteriors) or [base.model.posterior]:
         begin = time.perf_counter()
@@ -49,8 +51,6 @@ def main():
                 row[weights] = trained.score(trained.nll(test_images, k=1, seed=args.seed))
         rows.append(row)
         print(f"  {posterior}: done in {time.perf_counter() - begin:.0f}s", flush=True)
-    expected = json.loads((harness.REFERENCE_DIR / "expected.json").read_text())[
-        "training_curve_from_scratch"]["ema_test_bpd_after_3000_steps"]
     harness.print_table([
         Column("posterior", "posterior"), Column("params", "params", "d"),
         Column("train bpd\n(last step)", "train_bpd", ".4f"), Column("test bpd\n(EMA)", "ema", ".4f"),
