@@ -1,43 +1,26 @@
-"""What the bench scripts share: set-up, data defaults, child processes, the table printer, the conv probe.
+"""What the bench scripts share: set-up, calls into iaf_tf, options, child processes and their JSON record,
+the table printer. No TensorFlow at import time: the parents stay light, and `setup` comes first."""
 
-- `setup(root)` / `load_library(root)`: import the iaf_tf of a checkout the way bin/iaf.py runs it.
-- `Library`: the calls the benchmarks make into iaf_tf, the one place to change when its API moves
-  (`--baseline` runs another checkout through the same calls).
-- `run_child` / `write_record`: a benchmark child writes one JSON record to a file named on its command
-  line, so nothing is ever parsed out of log text.
-- `print_table`: every table, its columns sized from the data.
-- `ConvProbe`: the machine's own conv speed, measured in the same process as the model.
-
-This module imports no TensorFlow at import time: the parent of the child processes stays light, and
-`setup` must run before TensorFlow's first op.
-"""
-
+import argparse
 import dataclasses
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Shared inputs live beside the checkout (../shared) unless the environment says otherwise.
-DATA_DIR = os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data"))
+DATA_DIR = os.environ.get("CIFAR10_PATH", str(ROOT.parent / "shared" / "data"))  # else beside the checkout
 REFERENCE_DIR = ROOT.parent / "shared" / "reference" / "tf1-small"
-
-# bin/iaf.py's default: TensorFlow's C++ INFO, WARNING and ERROR lines off (Python errors still show).
-TF_LOG_LEVEL = "3"
-
-# The main conv shape of the README recipe (h_size 160 at 16x16) at its batch size.
-CONV_SHAPE = dict(batch=32, size=16, channels=160)
+TF_LOG_LEVEL = "3"  # bin/iaf.py's default: TensorFlow's C++ log off (Python errors still show)
+FIRST_CALLS = 10  # train.train's first host calls run one step each (its first console lines)
 
 
-# ------------------------------------------------------------------------------------ set-up
+# ------------------------------------------------------------------------ set-up and calls into iaf_tf
 
-def setup(root=ROOT, inter_op_threads=0):
+def setup(root=ROOT):
     """Put `root`'s iaf_tf first on the path and configure the CPU as bin/iaf.py does (before any op)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
     sys.path.insert(0, str(Path(root).resolve()))
@@ -48,13 +31,51 @@ def setup(root=ROOT, inter_op_threads=0):
     found = Path(iaf_tf.__file__).resolve().parents[1]
     if found != Path(root).resolve():
         raise RuntimeError(f"iaf_tf was imported from {found}, not from the checkout {root}")
-    configure_cpu(1, inter_op_threads=inter_op_threads)
+    configure_cpu(1)
 
 
-def load_library(root=ROOT, inter_op_threads=0):
-    """`setup(root)`, then the calls into that checkout's iaf_tf."""
-    setup(root, inter_op_threads)
-    return Library()
+def config(preset, hpconfig="", precision=None, jit_compile=None, **settings):
+    """config.resolve on one device; `precision` ("float32" or "bfloat16") and `jit_compile` where given."""
+    from iaf_tf import config as config_module
+    if precision is not None:
+        settings["mixed_precision"] = precision == "bfloat16"
+    if jit_compile is not None:
+        settings["jit_compile"] = bool(jit_compile)
+    return config_module.resolve(preset=preset, hpconfig=hpconfig, **{"num_gpus": 1, **settings})
+
+
+def child_config(args, **settings):
+    """A child's --config with its --hpconfig, --precision (where the script has it) and --jit_compile."""
+    return config(args.config, args.hpconfig, getattr(args, "precision", None), args.jit_compile, **settings)
+
+
+def batch_images(cfg, count, data_dir):
+    """`count` CIFAR-10 test images for a CIFAR-10 config, else random uint8 images of the config's shape."""
+    import numpy as np
+    from iaf_tf import data, datasets
+    if cfg.data.dataset == "cifar10":
+        return data.load_cifar10("test", data_dir)[:count]
+    size, channels = cfg.data.image_size, datasets.get(cfg.data.dataset).channels
+    return np.random.default_rng(0).integers(0, 256, (count, size, size, channels), dtype=np.uint8)
+
+
+def run_loop(cfg, max_steps, data_dir, on_step=None):
+    """train.train of `cfg` for max_steps in a temporary logdir, saving only at the start and the end;
+    returns (its StepRecords, each also passed to on_step, its result, the Trainer)."""
+    from iaf_tf import train
+    records = []
+
+    def record(r):
+        records.append(r)
+        if on_step:
+            on_step(r)
+
+    with tempfile.TemporaryDirectory(prefix="iaf_loop_", ignore_cleanup_errors=True) as logdir:
+        cfg = cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
+                          data_dir=data_dir)
+        trainer = train.Trainer(cfg)
+        result = train.train(cfg, trainer=trainer, on_step=record, print_fn=quiet)
+    return records, result, trainer
 
 
 def peak_mib():
@@ -66,90 +87,39 @@ def quiet(*_):
     """A print_fn for train.train when its console lines are not wanted."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Sizes:
-    """The few numbers of a config that the benchmarks need, whatever the API."""
-    batch_size: int
-    eval_batch_size: int
-    image_size: int
-    blocks: int
+def ratio(a, b):
+    return a / b if a is not None and b else None
 
 
-class Library:
-    """The calls the benchmarks make into iaf_tf (the current API)."""
-
-    def config(self, preset, hpconfig="", precision="float32", jit_compile=False, **settings):
-        from iaf_tf import config
-        return config.resolve(preset=preset, hpconfig=hpconfig, mixed_precision=precision == "bfloat16",
-                              jit_compile=bool(jit_compile), **{"num_gpus": 1, **settings})
-
-    def sizes(self, cfg):
-        return Sizes(cfg.optimization.batch_size, cfg.evaluation.eval_batch_size, cfg.data.image_size,
-                     sum(cfg.model.level_depths))
-
-    def make_trainer(self, cfg):
-        from iaf_tf import train
-        return train.Trainer(cfg)
-
-    def step_function(self, trainer):
-        """The compiled training step, a tf.function (get_concrete_function traces it)."""
-        return trainer.train_step
-
-    def make_model(self, cfg):
-        from iaf_tf import datasets
-        from iaf_tf.model import CVAE
-        return CVAE(cfg, datasets.get(cfg.data.dataset)).build_for(1)
-
-    def loop_step_seconds(self, cfg, logdir, max_steps, data_dir):
-        """Wall seconds of each step of the real training loop (train.train: data, summaries, checkpoints)."""
-        return [r.seconds for r in self.run_loop(self.loop_config(cfg, logdir, max_steps, data_dir))]
-
-    def loop_config(self, cfg, logdir, max_steps, data_dir):
-        """`cfg` for a benchmark run of train.train: max_steps in logdir, no summaries or checkpoints in
-        between (train.train saves at the start and the end)."""
-        return cfg.replace(logdir=logdir, max_steps=max_steps, checkpoint_every=10**9, summary_every=10**9,
-                           data_dir=data_dir)
-
-    def run_loop(self, loop_cfg, on_step=None, trainer=None):
-        """train.train with a loop_config; returns its StepRecords (after passing each to on_step). A
-        `trainer` must be made from loop_cfg itself: train.train runs with the trainer's config."""
-        from iaf_tf import train
-        records = []
-
-        def record(r):
-            records.append(r)
-            if on_step:
-                on_step(r)
-
-        self.result = train.train(loop_cfg, trainer=trainer, on_step=record, print_fn=quiet)
-        return records
+def listed(text):
+    """The items of a comma-separated option."""
+    return [item for item in text.split(",") if item]
 
 
-def watch_steps(trainer, on_call):
-    """Wrap this trainer's public train_step (on the instance only): on_call(wall seconds, metrics) after
-    each call. For what a step callback does not report, e.g. the metrics of every step."""
-    step = trainer.train_step
+# ------------------------------------------------------------------------------ options and children
 
-    def watched(batch):
-        begin = time.perf_counter()
-        metrics, applied = step(batch)
-        on_call(time.perf_counter() - begin, metrics)
-        return metrics, applied
+def arguments(doc, configs=None, baseline=False, hpconfig=True, jit_help=argparse.SUPPRESS):
+    """A parser with the options the scripts share, and the hidden ones of their child processes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if configs:
+        parser.add_argument("--configs", default=configs, help="presets, comma-separated")
+    if baseline:
+        parser.add_argument("--baseline", default=None, help="another checkout to run side by side, e.g. "
+                            "from `git worktree add --detach /tmp/iaf-baseline <commit>`")
+    if hpconfig:
+        parser.add_argument("--hpconfig", default="", help="extra overrides for every config")
+    parser.add_argument("--data_dir", default=DATA_DIR)
+    parser.add_argument("--json", default=None, help="also write all records here")
+    for name in ("--record", "--child", "--config"):
+        parser.add_argument(name, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--jit_compile", action="store_true", help=jit_help)
+    return parser
 
-    trainer.train_step = watched
 
-
-# ------------------------------------------------------------------------------ child processes
-
-def add_child_arguments(parser):
-    """The option through which a parent asks for the record (hidden from --help)."""
-    import argparse
-    parser.add_argument("--record", default=None, help=argparse.SUPPRESS)
-
-
-def write_record(path, record):
-    """The child's result for its parent: one JSON object in the file the parent named."""
-    Path(path).write_text(json.dumps(record))
+def checkouts(args):
+    """[(name, root)]: this checkout, and --baseline's."""
+    return [("current", ROOT)] + ([("baseline", Path(args.baseline).resolve())] if args.baseline else [])
 
 
 def run_child(script, argv):
@@ -167,12 +137,24 @@ def run_child(script, argv):
     return {"error": f"exit {proc.returncode}: {tail or 'no record written'}"}
 
 
+def save_json(path, results):
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))
+
+
+def run_as_child(args, children):
+    """In a child process: set up --root's iaf_tf, run children[--child](args), and write what it returns
+    as the JSON record its parent named."""
+    setup(args.root)
+    Path(args.record).write_text(json.dumps(children[args.child](args)))
+
+
 # -------------------------------------------------------------------------------------- tables
 
 @dataclasses.dataclass(frozen=True)
 class Column:
     """`value`: a key of the row or a function of it; `fmt`: for numbers, a format spec (".3f") or a
-    template ("{:.2f}x"), "" for text. A header may span lines ("train bpd\\n(last 100)")."""
+    template ("{:.2f}x"), "" for text. A header may span lines ("test bpd\\n(EMA)")."""
     header: str
     value: object
     fmt: str = ""
@@ -208,69 +190,6 @@ def print_table(columns, rows, title=None, notes=(), labels=1, out=print):
         out(line([h[level] for h in headers]))
     out("-" * len(line([h[-1] for h in headers])))
     for row, texts in zip(rows, cells):
-        if texts is None:
-            out(line([c.cell(row) for c in columns[:labels]]) + f" ERROR {row['error']}")
-        else:
-            out(line(texts))
+        out(line(texts) if texts else line([c.cell(row) for c in columns[:labels]]) + f" ERROR {row['error']}")
     for note in notes:
         out(note)
-
-
-# ------------------------------------------------------------------------------------ conv probe
-
-def conv_flops(batch, size, channels):
-    """Forward + input gradient + filter gradient of one 3x3 'SAME' conv."""
-    return 3 * 2 * 9 * channels * channels * size * size * batch
-
-
-class ConvProbe:
-    """A plain 3x3 conv (forward and both backward passes) in one dtype, timed between the model's steps
-    so that a ratio compares the model with the machine under the same load: the machine is shared and
-    absolute seconds drift."""
-
-    def __init__(self, dtype, batch, size, channels):
-        import tensorflow as tf
-        self.flops = conv_flops(batch, size, channels)
-        self.inputs = [tf.cast(tf.random.normal(shape) * scale, dtype) for shape, scale in (
-            ([batch, size, size, channels], 1.0), ([3, 3, channels, channels], 0.05),
-            ([batch, size, size, channels], 1.0))]
-
-        @tf.function
-        def step(x, w, dy):
-            with tf.GradientTape() as tape:
-                tape.watch([x, w])
-                y = tf.nn.conv2d(x, w, 1, "SAME")
-            # y is returned so that the forward conv runs: the gradients alone do not need it.
-            return [y, *tape.gradient(y, [x, w], output_gradients=dy)]
-
-        self.step = step
-        self.seconds, self.cpu_seconds = [], []
-        self.run(reps=2, record=False)
-
-    def run(self, reps=3, record=True):
-        for _ in range(reps):
-            begin, cpu = time.perf_counter(), time.process_time()
-            self.step(*self.inputs)[2].numpy()
-            if record:
-                self.seconds.append(time.perf_counter() - begin)
-                self.cpu_seconds.append(time.process_time() - cpu)
-
-    def gflops(self):
-        return self.flops / statistics.median(self.seconds) / 1e9
-
-    def cpu_gflops(self):
-        """Per CPU-second of this process: less sensitive to other processes on a shared machine."""
-        return self.flops / statistics.median(self.cpu_seconds) / 1e9
-
-
-def conv_probes():
-    """{precision name: ConvProbe} for float32 and bfloat16 at CONV_SHAPE."""
-    import tensorflow as tf
-    return {name: ConvProbe(dtype, **CONV_SHAPE) for name, dtype in (("float32", tf.float32),
-                                                                   ("bfloat16", tf.bfloat16))}
-
-
-def probe_rates(probes):
-    """The probes' wall and per-CPU-second GFLOP/s, for a JSON record."""
-    return {"conv_gflops": {name: p.gflops() for name, p in probes.items()},
-            "conv_cpu_gflops": {name: p.cpu_gflops() for name, p in probes.items()}}

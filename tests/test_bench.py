@@ -11,7 +11,6 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import profile_step  # noqa: E402
 import step_kernels  # noqa: E402
 
 
@@ -73,11 +72,11 @@ def test_kernel_counts_of_an_hlo_module():
 
 
 def test_profiler_events_executor_ops_and_xla_launches_only():
-    assert profile_step.classify("Call/cvae_1/mul:Mul") == ("Mul", "Call/cvae_1/mul")
-    assert profile_step.classify("CpuExecutable::ExecuteAsyncOnStream")[0] == profile_step.XLA_LAUNCH
+    assert step_kernels.classify("Call/cvae_1/mul:Mul") == ("Mul", "Call/cvae_1/mul")
+    assert step_kernels.classify("CpuExecutable::ExecuteAsyncOnStream")[0] == step_kernels.XLA_LAUNCH
     for annotation in ("ThreadpoolListener::Record", "ThreadpoolListener::StartRegion",
                        "ThreadpoolListener::StopRegion", "ExecutorState::Process",
                        "ExecutorState::ProcessAsync::Start", "ExecutorState::ProcessAsync::Done",
                        "ThunkExecutor::Execute", "end: multiply_reduce_fusion.65", "multiply_reduce_fusion.65",
                        "EagerLocalExecute: __inference_train_step_14094", "KernelAndDeviceFunc::Run", "train_step"):
-        assert profile_step.classify(annotation) is None, annotation
+        assert step_kernels.classify(annotation) is None, annotation
