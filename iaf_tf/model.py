@@ -305,11 +305,14 @@ class CVAE(keras.Model):
         is traced once, as a function of its weights, and every block of its kind calls it with its own:
         the README recipe's 20 blocks cost one block's tracing, Grappler and executor set-up instead of 20
         (the step's graph shrinks from about 15,000 nodes to a few hundred calls and one block). `_noinline`
-        keeps them calls; XLA sees through them when the caller is compiled. Eagerly (building, the
-        data-dependent init) each block runs as itself.
+        keeps them calls. Eagerly (building, the data-dependent init) and in XLA programs each block runs
+        as itself.
         """
         built = all(conv.built for conv in block.named_convs().values())
-        if tf.executing_eagerly() or kwargs.get("init") or not built:
+        # The top block's up pass is its own: its output is dropped, so its last conv gets no gradient (as
+        # in TF1), where a program's gradient would give it zeros.
+        top_up = block is self.blocks[-1] and method == "up"
+        if tf.executing_eagerly() or kwargs.get("init") or not built or top_up or programs.inside_xla():
             return getattr(block, method)(*args, **kwargs)
         key = (method, block.downsample, tuple(sorted(kwargs.items())), programs.enabled_now())
         program = self._block_programs.value.get(key)

@@ -13,6 +13,8 @@ import contextvars
 import functools
 
 import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
 
 # Per thread (MirroredStrategy traces each replica in a thread of its own): the trainer sets it where
 # a replica's computation is traced.
@@ -27,6 +29,13 @@ def enabled(on=True):
         yield
     finally:
         _ENABLED.reset(token)
+
+
+def inside_xla():
+    """Whether the function being traced is compiled by XLA (jit_compile, or inside a compiled function).
+    XLA does not see through calls of `_noinline` functions: there they would run op by op, so callers
+    that make such calls trace their body inline instead."""
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
 def enabled_now():

@@ -107,9 +107,13 @@ class Trainer:
         usable = usable_update(objective, norm, opt.skip_threshold)
         if opt.grad_clip > 0:
             grads, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
-        hyper = (1.0 - self.state.averages.decay, adamax.beta_1, adamax.beta_2, adamax.epsilon)
-        for one_variable in zip(grads, weights, first_moments, running_maxes, shadows):
-            _update_variable(*one_variable, usable, learning_rate, *hyper)
+        settings = (usable, learning_rate, 1.0 - self.state.averages.decay, adamax.beta_1, adamax.beta_2,
+                    adamax.epsilon)
+        if programs.inside_xla():  # one program, which XLA fuses across variables
+            _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, *settings)
+        else:
+            for one_variable in zip(grads, weights, first_moments, running_maxes, shadows):
+                _update_variable(*([v] for v in one_variable), *settings)
         return usable
 
     def train_loop(self, batches, num_steps):
@@ -178,18 +182,17 @@ class Trainer:
             self.state.averages.reset()
 
 
-def _average_then_adamax(gradient, weight, first_moment, running_max, shadow, usable, learning_rate, average_rate,
-                         beta_1, beta_2, epsilon):
-    ema.move_towards([shadow], [weight], average_rate, usable)
-    optim.adamax_update([gradient], [weight], [first_moment], [running_max], learning_rate, beta_1, beta_2, epsilon,
-                        usable)
+def _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, usable, learning_rate,
+                         average_rate, beta_1, beta_2, epsilon):
+    ema.move_towards(shadows, weights, average_rate, usable)
+    optim.adamax_update(grads, weights, first_moments, running_maxes, learning_rate, beta_1, beta_2, epsilon, usable)
 
 
 # One variable's update as a function that is traced once per variable shape and called for every variable
 # of that shape (the README recipe's 485 updated variables have a few dozen shapes): traced inline, the
 # update was 11,700 of the step's 29,000 graph nodes, which tracing, Grappler and the executor's set-up
 # pay for at the first step. `_noinline` keeps the calls as calls, so that Grappler optimizes each body
-# once; inside a compiled `_update` XLA sees through them.
+# once (a compiled `_update` traces the body inline: see programs.inside_xla).
 _update_variable = tf.function(_average_then_adamax, autograph=False, experimental_attributes={"_noinline": True})
 
 
