@@ -159,8 +159,9 @@ def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
 
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
-    cfg = load_preset("cpu_quick").replace(logdir=str(tmp_path), max_steps=300, summary_every=20,
-                                           checkpoint_every=100, seed=1, data_dir=str(cifar10_dir))
+    # cpu_quick's layout, narrowed: the pace of the first 300 steps is the decoder scale's (below), not the width's.
+    cfg = load_preset("cpu_quick").parse("h_size=8,z_size=4,batch_size=4").replace(
+        logdir=str(tmp_path), max_steps=300, summary_every=20, checkpoint_every=100, seed=1, data_dir=str(cifar10_dir))
     lines = []
     result = train.train(cfg, print_fn=lines.append)
     assert result.step == 300 and result.status == "max_steps"
@@ -173,8 +174,8 @@ def test_training_lowers_the_loss_and_writes_summaries(tmp_path, cifar10_dir):
     bpd = scalar_series(tmp_path / "train", "model/bits_per_dim")
     assert sorted(bpd) == list(range(20, 301, 20))
     # A fresh model is at ~10 bits/dim. Adamax moves each weight by at most learning_rate (0.002) a step,
-    # so the decoder scale alone needs ~2000 steps to settle: measured 9.21 at step 300 (6.1 at 3000,
-    # bench/train_fidelity.py); the bound leaves room for seeds.
+    # so the decoder scale alone needs ~2000 steps to settle: measured 9.27 over steps 260-300, as at cpu_quick's
+    # full width (which reaches 6.1 at 3000, bench/train_fidelity.py); the bound leaves room for seeds.
     assert bpd[20] > 9.8
     late = np.mean([bpd[s] for s in (260, 280, 300)])
     assert late < 9.5 and late < bpd[20] - 0.5
