@@ -1,6 +1,7 @@
 """Distribution: the strategy of a run (`make_strategy`), the per-replica batches (`replica_batches`), which
 worker writes (`is_chief`) and whether the step runs its small XLA programs (`uses_xla_programs`)."""
 
+import itertools
 import json
 import os
 
@@ -28,6 +29,19 @@ def make_strategy(runtime):
     devices = replica_devices(runtime.num_gpus, runtime.cpu_replicas)
     if len(devices) == 1:
         return tf.distribute.get_strategy()  # the default strategy: no distribution overhead
+    return mirrored_strategy(devices)
+
+
+_mirrored_made = itertools.count(1)
+
+
+def mirrored_strategy(devices):
+    """A MirroredStrategy whose collectives have keys of their own. Every MirroredStrategy numbers its
+    collectives from the same first key, and TensorFlow remembers each key's shapes for the process: a
+    second strategy of the process whose model has other shapes failed its first all-reduce ("Shape
+    mismatch in the collective instance"). The class attribute that offsets the keys is TensorFlow's own
+    (meant for its tests); each strategy here gets a range of 100,000 keys."""
+    tf.distribute.MirroredStrategy._collective_key_base = 100_000 * next(_mirrored_made)
     return tf.distribute.MirroredStrategy(devices)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from iaf_tf import devices
+from iaf_tf import devices, distribute
 from iaf_tf.devices import configure_cpu, replica_devices
 
 
@@ -71,7 +71,7 @@ def test_replica_devices_cpu_replicas(initialized):
     for name in devices:
         with tf.device(name):
             assert tf.constant(1.0).device.endswith(tf.DeviceSpec.from_string(name).to_string().split("/")[-1])
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = distribute.mirrored_strategy(devices)
     assert strategy.num_replicas_in_sync == 2
     with pytest.raises(RuntimeError, match="before the first TensorFlow op"):
         replica_devices(3, cpu_replicas=3)

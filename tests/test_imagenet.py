@@ -147,7 +147,7 @@ def test_memory_mapped_batches_equal_in_memory_batches_and_resume_at_any_step(tm
         np.testing.assert_array_equal(a, b)
     for a, b in zip(in_memory[4:], resumed):
         np.testing.assert_array_equal(a, b)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     batches = distribute.replica_batches(strategy, mapped, batch_size=4, seed=5, start_step=4)
     for expected in in_memory[4:]:
         per_replica = strategy.experimental_local_results(next(batches))

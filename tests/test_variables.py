@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from iaf_tf import distribute
 from iaf_tf.variables import Untracked, tf_variable
 
 
@@ -23,7 +24,7 @@ def test_tf_variable_passes_other_values_through():
 
 
 def test_tf_variable_under_a_strategy_is_the_mirrored_variable():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         var = keras.Variable(np.zeros(2, np.float32))
     mirrored = tf_variable(var)
