@@ -99,7 +99,7 @@ class ModelConfig:
                              "num_blocks.", _depths)
     # The Theano system's options; the defaults are the TF1 model.
     posterior: str = hparam("down_iaf2_nl", "Where q(z|x) is sampled and which IAF step follows it "
-                            "(see model.IAFBlock).", one_of("up_diag", "up_iaf1_nl", "up_iaf2_nl", "down_diag",
+                            "(see block.IAFBlock).", one_of("up_diag", "up_iaf1_nl", "up_iaf2_nl", "down_diag",
                                                             "down_iaf1_nl", "down_iaf2_nl"))
     depth_ar: int = hparam(2, "Hidden masked layers of the IAF network.", non_negative)
     prior: str = hparam("diag", "Prior of each stochastic layer: a diagonal Gaussian (the only one ported).",

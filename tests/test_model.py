@@ -17,8 +17,8 @@ from iaf_tf import noise as noise_streams
 from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import named_variables
 from iaf_tf.config import Config, load_preset
-from iaf_tf.model import (IAF_SCALE, count_trainable_parameters, input_to_unit_range,
-                          resize_nearest, to_uint8_images)
+from iaf_tf.block import IAF_SCALE, resize_nearest
+from iaf_tf.model import count_trainable_parameters, input_to_unit_range, to_uint8_images
 from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, grey_images,
                             make_model, random_images, raster_allowed, run_model, seed, tiny_config)
 
