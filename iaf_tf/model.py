@@ -131,8 +131,7 @@ class CVAE(keras.Model):
         The blocks of a model differ only in their weights (and whether they downsample), so a block's pass
         is traced once, as a function of its weights, and every block of its kind calls it with its own:
         the README recipe's 20 blocks cost one block's tracing, Grappler and executor set-up instead of 20
-        (the step's graph shrinks from about 15,000 nodes to a few hundred calls and one block). `_noinline`
-        keeps them calls. Eagerly (building, the data-dependent init) and in XLA programs each block runs
+        (BUILD.md, "Time to the first step"). `_noinline` keeps them calls. Eagerly (building, the data-dependent init) and in XLA programs each block runs
         as itself.
         """
         built = all(conv.built for conv in block.named_convs().values())

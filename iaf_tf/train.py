@@ -189,10 +189,10 @@ def _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, 
 
 
 # One variable's update as a function that is traced once per variable shape and called for every variable
-# of that shape (the README recipe's 485 updated variables have a few dozen shapes): traced inline, the
-# update was 11,700 of the step's 29,000 graph nodes, which tracing, Grappler and the executor's set-up
-# pay for at the first step. `_noinline` keeps the calls as calls, so that Grappler optimizes each body
-# once (a compiled `_update` traces the body inline: see programs.inside_xla).
+# of that shape (the README recipe's hundreds of updated variables have a few dozen shapes): traced inline,
+# the update was a large part of the step's graph, which tracing, Grappler and the executor's set-up pay for
+# at the first step (BUILD.md, "Time to the first step"). `_noinline` keeps the calls as calls, so that
+# Grappler optimizes each body once (a compiled `_update` traces the body inline: see programs.inside_xla).
 _update_variable = tf.function(_average_then_adamax, autograph=False, experimental_attributes={"_noinline": True})
 
 
