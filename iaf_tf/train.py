@@ -121,15 +121,16 @@ class Trainer:
         last step's metrics as one vector (in the order of `self.metric_names`, so that the host reads
         them at once) and whether each step was applied. Nothing in the loop's condition depends on the
         steps, so a GPU can run them back to back; the host judges the skips afterwards."""
-        metrics, applied = self.train_step(next(batches))
-        flags = tf.TensorArray(tf.bool, size=num_steps).write(0, applied)
-
         def another(done, flags, _):
             metrics, applied = self.train_step(next(batches))
             return done + 1, flags.write(done, applied), self._packed(metrics)
 
-        _, flags, packed = tf.while_loop(lambda done, *_: done < num_steps, another,
-                                         (tf.constant(1), flags, self._packed(metrics)))
+        # Every step, the first too, is the loop's: one call of train_step in the graph, not two, halves what
+        # Grappler and the executor set up at the first call. The metrics vector's length is known once the
+        # body is traced.
+        start = (tf.constant(0), tf.TensorArray(tf.bool, size=num_steps), tf.zeros([0]))
+        _, flags, packed = tf.while_loop(lambda done, *_: done < num_steps, another, start,
+                                         shape_invariants=(tf.TensorShape([]), None, tf.TensorShape([None])))
         return packed, flags.stack()
 
     def _packed(self, metrics):
