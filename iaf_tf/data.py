@@ -222,9 +222,14 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
                                   stateful=False)
         return tf.ensure_shape(batch, [batch_size, *images.shape[1:]])
 
+    # Fixed parallelism and no autotuning: a batch is one gather, and tf.data's autotuning thread made
+    # deleting the iterator (at the end of every training run) wait up to tens of seconds for its next wake-up.
+    options = tf.data.Options()
+    options.autotune.enabled = False
     return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-            .map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+            .map(batch_at, num_parallel_calls=2, deterministic=True)
+            .prefetch(2)
+            .with_options(options))
 
 
 def _row_reader(images: np.memmap):

@@ -73,7 +73,16 @@ def replica_batches(strategy, images, batch_size, seed, start_step):
         return stream.flat_map(lambda batch: tf.data.Dataset.from_tensor_slices(
             tf.reshape(batch[first * batch_size:(first + local) * batch_size], [local, batch_size, *shape])))
 
-    return iter(strategy.distribute_datasets_from_function(dataset_fn))
+    options = None
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        # One pipeline per replica, read by its device within the step (a batch is a few hundred KB).
+        # TensorFlow's default, one pipeline per worker prefetching to each device, starts an autotuning
+        # tf.data thread per device, and deleting the iterator at the end of a run then waited up to tens of
+        # seconds for those threads' next wake-up. (MultiWorkerMirroredStrategy has only the default.)
+        options = tf.distribute.InputOptions(
+            experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
+            experimental_fetch_to_device=False)
+    return iter(strategy.distribute_datasets_from_function(dataset_fn, options))
 
 
 def is_chief(strategy):

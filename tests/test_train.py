@@ -168,6 +168,36 @@ def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
         np.testing.assert_array_equal(np.concatenate([b.numpy() for b in per_replica]), global_batch)
 
 
+def _datasets_behind(obj, depth=0, seen=None):
+    """Every tf.data.Dataset reachable from obj's attributes (a distributed iterator's per-worker and
+    per-device pipelines), a few levels deep."""
+    seen = set() if seen is None else seen
+    if depth > 5 or id(obj) in seen or not hasattr(obj, "__dict__"):
+        return []
+    seen.add(id(obj))
+    found = []
+    for value in vars(obj).values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, tf.data.Dataset):
+                found.append(item)
+            elif type(item).__module__.startswith("tensorflow"):
+                found += _datasets_behind(item, depth + 1, seen)
+    return found
+
+
+def test_no_pipeline_behind_the_training_batches_autotunes(cifar10_dir):
+    # tf.data's autotuning thread sleeps up to tens of seconds between wake-ups, and deleting an iterator
+    # waits for it: the end of one two-replica run in four stalled 10-30 s in bin/iaf.py before this.
+    images = data.load_cifar10("test", cifar10_dir)[:64]
+    assert data.train_dataset(images, 8, seed=3).options().autotune.enabled is False
+    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    batches = distribute.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
+    next(batches)
+    pipelines = _datasets_behind(batches)
+    assert pipelines
+    assert [d.options().autotune.enabled for d in pipelines] == [False] * len(pipelines)
+
+
 # ---------------------------------------------------------------- the loop lowers the loss
 
 
