@@ -19,7 +19,7 @@ import iaf_tf
 from iaf_tf import cli, devices, run_record
 from iaf_tf.checkpoints import TrainState
 from iaf_tf.errors import ArgumentError
-from tests.fixtures import (ONE_BLOCK, cli_command, cli_env, cli_flags, error_lines, run_cli, snapshot, start_cli,
+from tests.fixtures import (ONE_BLOCK, cli_command, cli_env, cli_flags, error_lines, run_cli, run_main, snapshot,
                             tiny_config, without_iaf_tf)
 
 
@@ -128,14 +128,14 @@ def test_two_workers_of_the_documented_command_train_as_one_two_replica_job(jit_
                 cli_command([*args, "--strategy", "multi_worker", "--logdir", logdir]),
                 env=cli_env(TF_CONFIG=tf_config, CIFAR10_PATH=str(cifar10_dir)),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        # Meanwhile the same job as one process of two replicas, what they are compared to. (Not in this process:
-        # a second two-replica model of another size in one process trips TensorFlow's cache of collective ops.)
-        procs.append(start_cli([*args, "--num_gpus", 2, "--cpu_replicas", 2, "--logdir", tmp_path / "mirrored"],
-                               env=cli_env(CIFAR10_PATH=str(cifar10_dir))))
+        # Meanwhile, in this process, the same job as one process of two replicas: what they are compared to.
+        mirrored = run_main([*args, "--num_gpus", 2, "--cpu_replicas", 2, "--logdir", tmp_path / "mirrored"],
+                            CIFAR10_PATH=cifar10_dir)
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             p.kill()
+    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     train_dir = logdir / "train"
