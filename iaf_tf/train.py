@@ -120,7 +120,14 @@ class Trainer:
         """`num_steps` steps from the distributed iterator `batches` in one call from the host. Returns the
         last step's metrics as one vector (in the order of `self.metric_names`, so that the host reads
         them at once) and whether each step was applied. Nothing in the loop's condition depends on the
-        steps, so a GPU can run them back to back; the host judges the skips afterwards."""
+        steps, so a GPU can run them back to back; the host judges the skips afterwards. `num_steps` is at
+        most training.steps_per_loop."""
+        if self.config.training.steps_per_loop == 1:
+            # The default: one step a call, with no loop around it to trace, optimize and set up (the while
+            # loop's graph took seconds more at the first call than the step's).
+            metrics, applied = self.train_step(next(batches))
+            return self._packed(metrics), applied[tf.newaxis]
+
         def another(done, flags, _):
             metrics, applied = self.train_step(next(batches))
             return done + 1, flags.write(done, applied), self._packed(metrics)
