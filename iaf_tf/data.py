@@ -222,8 +222,8 @@ def train_dataset(images: np.ndarray, batch_size: int, seed: int | None = None,
                                   stateful=False)
         return tf.ensure_shape(batch, [batch_size, *images.shape[1:]])
 
-    # Fixed parallelism and no autotuning: a batch is one gather, and tf.data's autotuning thread made
-    # deleting the iterator (at the end of every training run) wait up to tens of seconds for its next wake-up.
+    # Fixed parallelism and no autotuning: a batch is one gather, and tf.data's autotuning thread sleeps up
+    # to tens of seconds between wake-ups, which deleting the iterator (at the end of a run) waits for.
     options = tf.data.Options()
     options.autotune.enabled = False
     return (tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)

@@ -77,8 +77,8 @@ def replica_batches(strategy, images, batch_size, seed, start_step):
     if isinstance(strategy, tf.distribute.MirroredStrategy):
         # One pipeline per replica, read by its device within the step (a batch is a few hundred KB).
         # TensorFlow's default, one pipeline per worker prefetching to each device, starts an autotuning
-        # tf.data thread per device, and deleting the iterator at the end of a run then waited up to tens of
-        # seconds for those threads' next wake-up. (MultiWorkerMirroredStrategy has only the default.)
+        # tf.data thread per device, and deleting the iterator (at the end of a run) waits for those
+        # threads' next wake-up, up to tens of seconds. MultiWorkerMirroredStrategy has only the default.
         options = tf.distribute.InputOptions(
             experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
             experimental_fetch_to_device=False)

@@ -132,9 +132,8 @@ class Trainer:
             metrics, applied = self.train_step(next(batches))
             return done + 1, flags.write(done, applied), self._packed(metrics)
 
-        # Every step, the first too, is the loop's: one call of train_step in the graph, not two, halves what
-        # Grappler and the executor set up at the first call. The metrics vector's length is known once the
-        # body is traced.
+        # The first step is the loop's too, so that the graph holds train_step once (Grappler and the
+        # executor's set-up pay for every copy); the metrics vector's length is known once the body is traced.
         start = (tf.constant(0), tf.TensorArray(tf.bool, size=num_steps), tf.zeros([0]))
         _, flags, packed = tf.while_loop(lambda done, *_: done < num_steps, another, start,
                                          shape_invariants=(tf.TensorShape([]), None, tf.TensorShape([None])))
