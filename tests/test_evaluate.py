@@ -33,8 +33,16 @@ def test_eval_test_mode_reproduces_the_original(k, reference_dir, expected, cifa
 def test_eval_writes_scalars_pictures_and_json_and_watches_for_new_checkpoints(reference_dir, cifar10_dir,
                                                                               tmp_path):
     path, cfg = convert.convert(reference_dir, tmp_path)
-    cfg = cfg.replace(logdir=str(tmp_path), num_images=100, poll_seconds=0.2, wait_seconds=20,
+    # The watcher gives up after 5 s of polling without a new checkpoint (the time it evaluates is not
+    # counted): the second checkpoint's state is ready before it starts, so adding it is one small save.
+    cfg = cfg.replace(logdir=str(tmp_path), num_images=100, poll_seconds=0.2, wait_seconds=5,
                       data_dir=str(cifar10_dir))
+    reader = tf.train.load_checkpoint(path)
+    step_key = "step/.ATTRIBUTES/VARIABLE_VALUE"
+    assert int(reader.get_tensor(step_key)) == 3000
+    state = checkpoints.TrainState(cfg)
+    checkpoints.restore(state, path)  # every variable, or it raises
+    state.step.assign(3001)
     lines = []
     results = []
     watcher = threading.Thread(target=lambda: results.extend(
@@ -44,12 +52,6 @@ def test_eval_writes_scalars_pictures_and_json_and_watches_for_new_checkpoints(r
     deadline = time.time() + 120
     while not (tmp_path / "eval_test" / "result-3000.json").exists() and time.time() < deadline:
         time.sleep(0.2)
-    reader = tf.train.load_checkpoint(path)
-    step_key = "step/.ATTRIBUTES/VARIABLE_VALUE"
-    assert int(reader.get_tensor(step_key)) == 3000
-    state = checkpoints.TrainState(cfg)
-    checkpoints.restore(state, path)  # every variable, or it raises
-    state.step.assign(3001)
     tf.train.CheckpointManager(state.checkpoint, str(tmp_path / "train"), max_to_keep=None).save(3001)
     watcher.join(timeout=180)
     assert not watcher.is_alive()
