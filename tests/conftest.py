@@ -3,16 +3,11 @@
 import os
 from pathlib import Path
 
-# Before TensorFlow runs its first op: quiet logs, two logical CPUs (so MirroredStrategy tests have two
-# replicas) and modest thread pools on the 2-core CI machine.
+# Before TensorFlow runs its first op: quiet logs and two logical CPUs (so MirroredStrategy tests have two
+# replicas). Thread pools keep TensorFlow's defaults: one intra-op thread per xdist worker measured no faster
+# over the whole suite (BUILD.md, Tests).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["IAF_TF_NO_DOWNLOAD"] = "1"  # tests never download (bin/iaf.py subprocesses inherit this)
-# Under pytest-xdist each worker, and every process its tests start, gets its share of the cores for TensorFlow's
-# intra-op pool: with `-n 2` on 2 cores, two workers of two threads each fought over the cores and the suite ran
-# 15-20% slower (BUILD.md, Tests).
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1:
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 import pytest  # noqa: E402
 
