@@ -129,13 +129,13 @@ def test_two_workers_of_the_documented_command_train_as_one_two_replica_job(jit_
                 env=cli_env(TF_CONFIG=tf_config, CIFAR10_PATH=str(cifar10_dir)),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         # Meanwhile, in this process, the same job as one process of two replicas: what they are compared to.
-        mirrored = run_main([*args, "--num_gpus", 2, "--cpu_replicas", 2, "--logdir", tmp_path / "mirrored"],
-                            CIFAR10_PATH=cifar10_dir)
+        one_process = run_main([*args, "--num_gpus", 2, "--cpu_replicas", 2, "--logdir", tmp_path / "mirrored"],
+                               CIFAR10_PATH=cifar10_dir)
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert mirrored.returncode == 0, mirrored.stderr[-3000:]
+    assert one_process.returncode == 0, one_process.stderr[-3000:]
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     train_dir = logdir / "train"
