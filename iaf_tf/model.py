@@ -158,7 +158,10 @@ class CVAE(keras.Model):
         if self.bernoulli:
             images = dist.binarize(images, dist.fold_in(seed, noise_streams.BINARIZE))
         x = input_to_unit_range(images)
-        if k > 1:
+        # Without noise in it (down_* posteriors), the bottom-up pass is the same for an image's k samples:
+        # it runs once per image and its statistics are repeated, a third of the FLOPs of a k > 1 pass.
+        shared_up = k > 1 and not any(block.bottom_up for block in self.blocks)
+        if k > 1 and not shared_up:
             x = tf.repeat(x, k, axis=0)
         n = tf.shape(x)[0]
 
@@ -168,6 +171,9 @@ class CVAE(keras.Model):
             noise = self._noise(seed, index, self._z_shape(n, index)) if block.bottom_up else None
             h, stats = self._run_block(block, "up", h, noise, init=init)
             up_stats.append(stats)
+        if shared_up:
+            x, up_stats = tf.nest.map_structure(lambda t: tf.repeat(t, k, axis=0), (x, up_stats))
+            n = tf.shape(x)[0]
 
         h = self._top(n)
         kl_layers, posterior = [None] * len(self.blocks), [None] * len(self.blocks)

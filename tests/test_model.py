@@ -18,7 +18,7 @@ from iaf_tf import noise as noise_streams
 from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import named_variables
 from iaf_tf.config import Config, load_preset
-from iaf_tf.block import IAF_SCALE, resize_nearest
+from iaf_tf.block import IAF_SCALE, IAFBlock, resize_nearest
 from iaf_tf.model import count_trainable_parameters, input_to_unit_range, to_uint8_images
 from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, grey_images,
                             make_model, random_images, raster_allowed, run_model, seed, tiny_config)
@@ -136,6 +136,26 @@ def test_call_k_repeats_images_consecutively(tiny_model):
     m = log_w.max(axis=1)
     want = -(m + np.log(np.exp(log_w - m[:, None]).sum(axis=1)) - np.log(3))
     np.testing.assert_allclose(out["nll"].numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("posterior", ["down_iaf2_nl", "up_iaf2_nl"])
+def test_k_samples_are_a_pass_over_the_repeated_images_and_share_a_noiseless_bottom_up_pass(posterior, monkeypatch):
+    # A down_* posterior draws no noise in the bottom-up pass, so it runs once per image, not per sample;
+    # an up_* one draws z there, so it runs once per sample. Either way the numbers are those of k=1 on the
+    # batch with each image repeated k times.
+    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL, f"posterior={posterior}"))
+    images = random_images(2, 6)
+    model.initialize(images, seed(0))
+    up_batches = []
+    up = IAFBlock.up
+    monkeypatch.setattr(IAFBlock, "up", lambda block, x, *args, **kwargs: (
+        up_batches.append(x.shape[0]), up(block, x, *args, **kwargs))[1])
+    shared = model(tf.constant(images), seed(1), k=3)
+    assert up_batches == [2 if posterior.startswith("down") else 6] * len(model.blocks)
+    repeated = model(tf.constant(np.repeat(images, 3, axis=0)), seed(1))
+    assert up_batches[len(model.blocks):] == [6] * len(model.blocks)
+    for key in ("mean", "log_pxz", "kl"):
+        np.testing.assert_allclose(shared[key].numpy(), repeated[key].numpy(), rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_call_is_deterministic_per_seed(tiny_model):
