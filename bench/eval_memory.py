@@ -4,6 +4,7 @@ process each. Target: the second run (k = 10,000 in chunks of 100) within 1.5x t
 Usage:
   python bench/eval_memory.py                           # k = 100, 10,000 (chunks of 100), 2,000 (one pass)
   python bench/eval_memory.py --runs 10/10,200/10,50/50 # quick
+  python bench/eval_memory.py --runs 10/100,100/100 --images 20 --baseline /tmp/iaf-baseline  # side by side
 """
 
 import argparse
@@ -16,11 +17,13 @@ from harness import Column
 def child_nll(args):
     import iaf_tf
     from iaf_tf import data
+    from iaf_tf.likelihood import plan_chunks
 
     # Each pass holds at most eval_batch_size (image, sample) pairs; the architecture is read off the file.
     trained = iaf_tf.load(args.checkpoint, eval_batch_size=args.max_batch)
     images = data.load_cifar10("test", args.data_dir)[:args.images]
-    trained.nll(images[:1], k=min(args.k, args.max_batch))  # trace outside timing
+    per_pass, samples = plan_chunks(args.k, args.max_batch)
+    trained.nll(images[:per_pass], k=samples)  # trace the pass's shape outside timing
     begin = time.perf_counter()
     nll = trained.nll(images, k=args.k, seed=0)
     seconds = time.perf_counter() - begin
@@ -29,7 +32,7 @@ def child_nll(args):
 
 
 def main():
-    parser = harness.arguments(__doc__, hpconfig=False)
+    parser = harness.arguments(__doc__, baseline=True, hpconfig=False)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--runs", default="100/100,10000/100,2000/2000",
                         help="k/samples per pass, comma-separated (the last default: all k in one pass)")
@@ -41,18 +44,28 @@ def main():
         return harness.run_as_child(args, {"nll": child_nll})
 
     runs = [tuple(map(int, run.split("/"))) for run in harness.listed(args.runs)]
-    rows = [dict(harness.run_child(__file__, [
-        "--child", "nll", "--k", k, "--max_batch", max_batch, "--images", args.images, "--checkpoint",
-        args.checkpoint, "--data_dir", args.data_dir]), k=k, max_batch=max_batch) for k, max_batch in runs]
-    first = rows[0]
+    rows = []
+    for checkout, root in harness.checkouts(args):
+        ours = [dict(harness.run_child(__file__, [
+            "--child", "nll", "--k", k, "--max_batch", max_batch, "--images", args.images, "--checkpoint",
+            args.checkpoint, "--data_dir", args.data_dir, "--root", root]), checkout=checkout, k=k,
+            max_batch=max_batch) for k, max_batch in runs]
+        for r in ours:
+            r["vs_first"] = harness.ratio(r.get("peak_mib"), ours[0].get("peak_mib"))
+        rows += ours
+    speeds = {(r["k"], r["max_batch"]): r.get("samples_per_s") for r in rows if r["checkout"] == "baseline"}
     for r in rows:
-        r["vs_first"] = harness.ratio(r.get("peak_mib"), first.get("peak_mib"))
-    harness.print_table(
-        [Column("k", "k", "d"), Column("per pass", "max_batch", "d"), Column("bits/dim", "bpd", ".4f"),
-         Column("peak MiB", "peak_mib", ".0f"), Column(f"vs k={first['k']}", "vs_first", "{:.2f}x"),
-         Column("samples/s", "samples_per_s", ".0f"), Column("images/s", "images_per_s", ".3f")],
-        rows, labels=2, title=f"{args.images} CIFAR-10 test images, {args.checkpoint}, EMA weights")
-    if len(rows) > 1 and rows[1]["vs_first"] is not None:
+        r["speed_vs_baseline"] = harness.ratio(r.get("samples_per_s"), speeds.get((r["k"], r["max_batch"])))
+    first = rows[0]
+    columns = [Column("k", "k", "d"), Column("per pass", "max_batch", "d"), Column("bits/dim", "bpd", ".4f"),
+               Column("peak MiB", "peak_mib", ".0f"), Column(f"vs k={first['k']}", "vs_first", "{:.2f}x"),
+               Column("samples/s", "samples_per_s", ".0f"), Column("images/s", "images_per_s", ".3f")]
+    if args.baseline:
+        columns = [Column("checkout", "checkout")] + columns + [
+            Column("samples/s\nvs baseline", "speed_vs_baseline", "{:.2f}x")]
+    harness.print_table(columns, rows, labels=3 if args.baseline else 2,
+                        title=f"{args.images} CIFAR-10 test images, {args.checkpoint}, EMA weights")
+    if len(runs) > 1 and rows[1]["vs_first"] is not None:
         print(f"k={rows[1]['k']:,} peak memory is {rows[1]['vs_first']:.2f}x that of k={first['k']:,} "
               f"(target <= 1.5x): {'OK' if rows[1]['vs_first'] <= 1.5 else 'MISSED'}")
     harness.save_json(args.json, rows)
