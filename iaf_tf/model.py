@@ -159,7 +159,7 @@ class CVAE(keras.Model):
             images = dist.binarize(images, dist.fold_in(seed, noise_streams.BINARIZE))
         x = input_to_unit_range(images)
         # Without noise in it (down_* posteriors), the bottom-up pass is the same for an image's k samples:
-        # it runs once per image and its statistics are repeated, a third of the FLOPs of a k > 1 pass.
+        # it runs once per image and its statistics are repeated (it is about a third of a pass's FLOPs).
         shared_up = k > 1 and not any(block.bottom_up for block in self.blocks)
         if k > 1 and not shared_up:
             x = tf.repeat(x, k, axis=0)
