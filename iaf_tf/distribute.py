@@ -10,6 +10,7 @@ import tensorflow as tf
 from iaf_tf import data as data_lib
 from iaf_tf.devices import replica_devices
 from iaf_tf.errors import ConfigError
+from iaf_tf.variables import local_copies
 
 
 def uses_xla_programs(runtime):
@@ -73,16 +74,40 @@ def replica_batches(strategy, images, batch_size, seed, start_step):
         return stream.flat_map(lambda batch: tf.data.Dataset.from_tensor_slices(
             tf.reshape(batch[first * batch_size:(first + local) * batch_size], [local, batch_size, *shape])))
 
+    # TensorFlow's default input, one pipeline per worker prefetching to each device, starts an autotuning
+    # tf.data thread per device, and deleting the iterator (at the end of a run) waits for those threads'
+    # next wake-up, up to tens of seconds. Neither strategy here has it: the device reads its batch within
+    # the step (a batch is a few hundred KB), from pipelines with autotuning off (data.train_dataset).
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return _WorkerBatches(strategy, dataset_fn)  # it has only the default input
     options = None
     if isinstance(strategy, tf.distribute.MirroredStrategy):
-        # One pipeline per replica, read by its device within the step (a batch is a few hundred KB).
-        # TensorFlow's default, one pipeline per worker prefetching to each device, starts an autotuning
-        # tf.data thread per device, and deleting the iterator (at the end of a run) waits for those
-        # threads' next wake-up, up to tens of seconds. MultiWorkerMirroredStrategy has only the default.
-        options = tf.distribute.InputOptions(
+        options = tf.distribute.InputOptions(  # one pipeline per replica
             experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA,
             experimental_fetch_to_device=False)
     return iter(strategy.distribute_datasets_from_function(dataset_fn, options))
+
+
+class _WorkerBatches:
+    """MultiWorkerMirroredStrategy's per-replica batches from this worker's pipeline, which yields its
+    replicas' batches one after the other."""
+
+    def __init__(self, strategy, dataset_fn):
+        self._strategy = strategy
+        replicas = local_copies(strategy.experimental_distribute_values_from_function(
+            lambda context: context.replica_id_in_sync_group))
+        self._first, self._local = min(replicas), len(replicas)  # this worker's are first, first + 1, ...
+        workers = strategy.num_replicas_in_sync // self._local
+        self._batches = iter(dataset_fn(tf.distribute.InputContext(
+            workers, self._first // self._local, strategy.num_replicas_in_sync)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batches = [next(self._batches) for _ in range(self._local)]
+        return self._strategy.experimental_distribute_values_from_function(
+            lambda context: batches[context.replica_id_in_sync_group - self._first])
 
 
 def is_chief(strategy):

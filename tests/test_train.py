@@ -156,15 +156,26 @@ def test_two_replica_trainers_of_different_shapes_in_one_process_both_step():
         assert bool(applied)
 
 
-def test_replica_batches_split_each_global_batch_in_replica_order(cifar10_dir):
+def _strategy(kind, monkeypatch):
+    """Two replicas on this machine's two logical CPUs, or a MultiWorkerMirroredStrategy of one worker (its
+    input path is the one two workers take; tests/test_faults.py runs two)."""
+    if kind == "mirrored":
+        return distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
+def test_replica_batches_split_each_global_batch_in_replica_order(kind, cifar10_dir, monkeypatch):
     images = data.load_cifar10("test", cifar10_dir)[:64]
-    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    strategy = _strategy(kind, monkeypatch)
+    replicas = strategy.num_replicas_in_sync
     batches = distribute.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
-    expected = iter(data.train_dataset(images, 8, seed=3, start_step=5))
+    expected = iter(data.train_dataset(images, 4 * replicas, seed=3, start_step=5))
     for _ in range(3):
         per_replica = strategy.experimental_local_results(next(batches))
         global_batch = next(expected).numpy()
-        assert len(per_replica) == 2
+        assert len(per_replica) == replicas == (2 if kind == "mirrored" else 1)
         np.testing.assert_array_equal(np.concatenate([b.numpy() for b in per_replica]), global_batch)
 
 
@@ -185,12 +196,14 @@ def _datasets_behind(obj, depth=0, seen=None):
     return found
 
 
-def test_no_pipeline_behind_the_training_batches_autotunes(cifar10_dir):
+@pytest.mark.parametrize("kind", ["mirrored", "multi_worker"])
+def test_no_pipeline_behind_the_training_batches_autotunes(kind, cifar10_dir, monkeypatch):
     # tf.data's autotuning thread sleeps up to tens of seconds between wake-ups, and deleting an iterator
-    # waits for it: the end of one two-replica run in four stalled 10-30 s in bin/iaf.py before this.
+    # waits for it: the end of one two-replica run in four stalled 10-30 s in bin/iaf.py before this, and
+    # of two workers' runs one in three, 4.5 s.
     images = data.load_cifar10("test", cifar10_dir)[:64]
     assert data.train_dataset(images, 8, seed=3).options().autotune.enabled is False
-    strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
+    strategy = _strategy(kind, monkeypatch)
     batches = distribute.replica_batches(strategy, images, batch_size=4, seed=3, start_step=5)
     next(batches)
     pipelines = _datasets_behind(batches)
