@@ -55,9 +55,11 @@ class WeightAverages(tf.Module):
 def move_towards(shadows, weights, rate, applied=True):
     """The original's update of many averages (plain tf.Variables on one device); where `applied` (a bool
     scalar) is False they keep their values (see optim.adamax_update)."""
-    rate = when_applied(applied, rate, 0.0)  # a scalar select: see optim.adamax_update
+    rate = tf.cast(when_applied(applied, rate, 0.0), tf.float32)  # a scalar select: see optim.adamax_update
     for shadow, weight in zip(shadows, weights):
-        shadow.assign_sub(rate * (shadow - tf.cast(weight, shadow.dtype)))
+        # shadow -= rate * difference, without a pass that writes the product (see optim.adamax_update).
+        tf.raw_ops.ResourceApplyGradientDescent(var=shadow.handle, alpha=rate,
+                                                delta=shadow - tf.cast(weight, shadow.dtype))
 
 
 def _short_name(variable):

@@ -47,8 +47,8 @@ class OriginalAdamax(keras.optimizers.Optimizer):
 
 
 def when_applied(applied, value, otherwise):
-    """`value` if the step is applied, else `otherwise`: a scalar select (python `value` when applied is True)."""
-    return value if applied is True else tf.where(applied, tf.constant(value, tf.float32), otherwise)
+    """`value` if the step is applied, else `otherwise`: a scalar select (`value` itself when applied is True)."""
+    return value if applied is True else tf.where(applied, tf.cast(value, tf.float32), otherwise)
 
 
 def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1, beta_2, epsilon, applied=True):
@@ -56,11 +56,13 @@ def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1
 
     Where `applied` (a bool scalar) is False everything keeps its value, by a select rather than a branch
     (on a GPU a branch waits for its predicate before running either side). The selects are of scalars
-    and of the gradient: with it zeroed, a decay of 1, epsilon 0 and no step, each slot's new value is its
-    old one. A select between a variable's new and old values would make XLA copy the variable first, to
-    keep the old value while the new one is written in place (two copies of the state per step).
+    and of the gradient: with it zeroed, a decay of 1, epsilon 0 and a learning rate of 0, each slot's new
+    value is its old one and the step is 0. A select between a variable's new and old values would make
+    XLA copy the variable first, to keep the old value while the new one is written in place (two copies
+    of the state per step). Without XLA each element-wise op is a pass over the weights, so there are as
+    few as the rule allows.
     """
-    lr = tf.cast(lr, tf.float32)
+    lr = when_applied(applied, tf.cast(lr, tf.float32), 0.0)
     keep_first, mix_first = when_applied(applied, beta_1, 1.0), when_applied(applied, 1.0 - beta_1, 0.0)
     keep_max, floor = when_applied(applied, beta_2, 1.0), when_applied(applied, epsilon, 0.0)
     for gradient, variable, first_moment, running_max in zip(gradients, variables, first_moments, running_maxes):
@@ -71,6 +73,6 @@ def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1
         new_max = tf.maximum(keep_max * running_max + floor, tf.abs(gradient))
         first_moment.assign(new_first)
         running_max.assign(new_max)
-        step = lr * new_first / new_max
-        # 0 / 0 where nothing was ever applied (both slots still 0): no step.
-        variable.assign_sub(step if applied is True else tf.where(applied, step, 0.0))
+        # The running max is at least epsilon once a step was applied; before that both slots are 0, and
+        # a skipped step's 0 / 0 is no step.
+        variable.assign_sub(tf.math.divide_no_nan(lr * new_first, new_max))

@@ -65,3 +65,37 @@ def test_a_skipped_update_keeps_every_value_even_before_any_applied_step(jit_com
     np.testing.assert_allclose(weights_now, before[0] - 0.002 * 0.1 * gradient / np.maximum(1e-8, np.abs(gradient)),
                                rtol=1e-6)
     np.testing.assert_allclose(shadow_now, before[3] - 0.01 * (before[3] - before[0]), rtol=1e-6)
+
+
+def test_each_term_of_the_rule_is_one_pass_over_the_weights_and_the_numbers_are_the_rules_bit_for_bit():
+    # Without XLA each element-wise op of the update is a pass over the weights, every step, for every
+    # variable: a skipped step costs scalar selects and the gradient's select, nothing more.
+    n = 1000
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=n).astype(np.float32) * scale for scale in (1.0, 1e-3, 1e-3, 1.0)]
+    start[2] = np.abs(start[2])
+    weights, firsts, maxes, shadow = (tf.Variable(values) for values in start)
+
+    @tf.function(autograph=False)
+    def update(gradient, applied):
+        move_towards([shadow], [weights], 0.01, applied)
+        adamax_update([gradient], [weights], [firsts], [maxes], 0.002, 0.9, 0.999, 1e-8, applied)
+
+    graph = update.get_concrete_function(tf.TensorSpec([n]), tf.TensorSpec([], tf.bool)).graph
+    passes = sorted(op.type for op in graph.get_operations()
+                    if op.outputs and op.outputs[0].shape == [n] and op.type not in ("ReadVariableOp", "Placeholder"))
+    assert passes == sorted(["SelectV2",  # the gradient, zeroed when skipped (it may be NaN)
+                             "Mul", "Mul", "AddV2",  # first moment
+                             "Mul", "AddV2", "Abs", "Maximum",  # running max
+                             "Mul", "DivNoNan",  # step
+                             "Sub"])  # moving average: the difference (ResourceApplyGradientDescent scales it)
+
+    gradient = rng.normal(size=n).astype(np.float32) * 1e-3
+    update(tf.constant(gradient), tf.constant(True))
+    w, v, m, s = start
+    f32 = np.float32
+    v_new = f32(0.9) * v + f32(0.1) * gradient
+    m_new = np.maximum(f32(0.999) * m + f32(1e-8), np.abs(gradient))
+    for variable, want in ((firsts, v_new), (maxes, m_new), (weights, w - f32(0.002) * v_new / m_new),
+                           (shadow, s - f32(0.01) * (s - w))):
+        np.testing.assert_array_equal(variable.numpy(), want)
