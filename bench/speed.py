@@ -219,12 +219,10 @@ def main():
             "--data_dir", args.data_dir] + ["--jit_compile"] * jit)
 
     def sweep(kind, variants, figures):
-        """`kind` for every config, (precision, jit) variant and checkout; the baseline in float32 only."""
+        """`kind` for every config, (precision, jit) variant and checkout."""
         for config in configs:
             for precision, jit in variants:
                 for code, root in codes:
-                    if code == "baseline" and (precision != "float32" or jit):
-                        continue
                     name = precision + ("+xla" if jit else "")
                     r = run(kind, root, config, precision, jit=jit)
                     r.update(code=code, config=config, precision=precision, variant=name)
