@@ -1,6 +1,7 @@
 """Training per precision, each in a fresh process: s/step, GFLOP/s (iaf_tf.flops), "ratio" to a plain 3x3
 conv of the model's main shape (batch 32, 16x16, 160 channels, forward and both backward passes) timed in
-the same process, peak memory, time to the first step; the bin/iaf.py loop's step, peak and host trips.
+the same process, the seconds the step's own convolutions take alone and their share of the step, peak
+memory, time to the first step; the bin/iaf.py loop's step, peak and host trips.
 
 Usage:
   python bench/speed.py                                        # full: README recipe + cpu_quick
@@ -12,6 +13,8 @@ Usage:
 """
 
 import argparse
+import collections
+import math
 import statistics
 import sys
 import time
@@ -22,20 +25,31 @@ from harness import Column, ratio
 
 
 class ConvProbe:
-    """A plain 3x3 conv (forward and both backward passes) timed between the model's steps, so that a ratio
-    compares the model with the machine under the same load: on a shared machine absolute seconds drift."""
+    """A conv (forward and both backward passes) timed between the model's steps, so that a ratio compares
+    the model with the machine under the same load: on a shared machine absolute seconds drift. The
+    default is the model's main shape, a 3x3 conv of 160 channels on 16x16 at batch 32."""
 
-    def __init__(self, dtype, batch=32, size=16, channels=160):
+    def __init__(self, dtype, batch=32, size=16, channels=160, out_channels=160, kernel=3, stride=1,
+                 transpose=False):
         import tensorflow as tf
-        self.flops = 3 * 2 * 9 * channels * channels * size * size * batch
-        images, weights = [batch, size, size, channels], [3, 3, channels, channels]
-        self.inputs = [tf.cast(tf.random.normal(s) * c, dtype) for s, c in ((images, 1), (weights, 0.05), (images, 1))]
+        # As iaf_tf.flops counts: kh*kw*in*out multiply-adds per output position, per input position when
+        # transposed; three convs a step.
+        grid = size * stride if transpose else math.ceil(size / stride)  # of the output
+        positions = size * size if transpose else grid * grid
+        self.flops = 3 * 2 * kernel * kernel * channels * out_channels * positions * batch
+        shapes = ([batch, size, size, channels], [kernel, kernel, *((out_channels, channels) if transpose else
+                                                                     (channels, out_channels))],
+                  [batch, grid, grid, out_channels])
+        self.inputs = [tf.cast(tf.random.normal(s) * c, dtype) for s, c in zip(shapes, (1, 0.05, 1))]
 
         @tf.function
         def step(x, w, dy):
             with tf.GradientTape() as tape:
                 tape.watch([x, w])
-                y = tf.nn.conv2d(x, w, 1, "SAME")
+                if transpose:
+                    y = tf.nn.conv2d_transpose(x, w, dy.shape, stride, "SAME")
+                else:
+                    y = tf.nn.conv2d(x, w, stride, "SAME")
             # y is returned so that the forward conv runs: the gradients alone do not need it.
             return [y, *tape.gradient(y, [x, w], output_gradients=dy)]
 
@@ -47,6 +61,18 @@ class ConvProbe:
             begin = time.perf_counter()
             self.step(*self.inputs)[2].numpy()
             self.seconds.append(time.perf_counter() - begin)
+
+
+def model_convs(model, batch):
+    """{ConvProbe arguments: how many of the model's convs have them}: each conv's shape, grid, stride and
+    dtype, so that the probes together do a training step's convolutions."""
+    counts = collections.Counter()
+    for conv in model.named_convs().values():
+        kernel, _, *channels = conv.V.shape
+        channels = channels[::-1] if conv.transpose else channels
+        counts[(conv.conv_dtype.name, batch, conv.input_grid[0], *channels, kernel, conv.strides[0],
+                conv.transpose)] += 1
+    return counts
 
 
 def child_train(args):
@@ -74,6 +100,7 @@ def child_train(args):
         float(step(batch)[0]["objective"])
 
     probes = {name: ConvProbe(tf.as_dtype(name)) for name in ("float32", "bfloat16")}
+    convs = [(ConvProbe(*shape), count) for shape, count in model_convs(trainer.model, len(images)).items()]
     losses, seconds = [], []
     for _ in range(args.steps):
         begin = time.perf_counter()
@@ -81,8 +108,11 @@ def child_train(args):
         seconds.append(time.perf_counter() - begin)
         for probe in probes.values():
             probe.run()
+        for probe, _ in convs:
+            probe.run(reps=1)
     return {"build_s": build_s, "trace_s": trace_s, "first_call_s": first_s,
             "first_step_s": build_s + trace_s + first_s, "step_s": statistics.median(seconds),
+            "convs_s": sum(count * statistics.median(probe.seconds) for probe, count in convs),
             "step_s_all": seconds, "peak_mib": harness.peak_mib(), "losses": losses,
             "finite": bool(np.all(np.isfinite(losses))), "batch_size": len(images),
             "training_flops_per_image": flops.training_flops_per_image(trainer.model),
@@ -148,6 +178,7 @@ def add_train_figures(r):
     r["gflop_per_image"] = r["training_flops_per_image"] / 1e9
     r["gflops"] = r["gflop_per_image"] * r["images_per_s"]
     r["ratio"] = ratio(r["gflops"], r["conv_gflops"].get(r["precision"]))
+    r["conv_share"] = ratio(r["convs_s"], r["step_s"])
     r["note"] = "" if r["finite"] else "NON-FINITE LOSS"
 
 
@@ -158,7 +189,8 @@ PEAK = Column("peak MiB", "peak_mib", ".0f")
 TRAIN_COLUMNS = LABELS + [
     Column("step s", "step_s", ".3f"), Column("img/s", "images_per_s", ".2f"),
     Column("GFLOP/img", "gflop_per_image", ".2f"), Column("GFLOP/s", "gflops", ".1f"), *CONV,
-    Column("ratio", "ratio", ".3f"), PEAK,
+    Column("ratio", "ratio", ".3f"), Column("convs s", "convs_s", ".3f"), Column("conv share", "conv_share", ".3f"),
+    PEAK,
     Column("trace s", "trace_s", ".2f"), Column("first step s", "first_step_s", ".2f"), Column("", "note")]
 LOOP_COLUMNS = LABELS + [Column("step s", "step_s", ".3f"), Column("img/s", "images_per_s", ".2f"), PEAK,
                          Column("host trips/step", "trips_per_step", ".2f")]
@@ -238,6 +270,8 @@ def main():
         harness.print_table(TRAIN_COLUMNS, results["train"], labels=3, title=(
             "\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)"),
             notes=["ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process.",
+                   "convs s = the step's convolutions alone (each of the model's shapes, forward and both "
+                   "backward passes); conv share = convs s / step s.",
                    "first step s = making the Trainer and its data-dependent init, tracing, and the first call."]
             + comparisons(results["train"]) + precision_case(results["train"]))
     if "loop" in only:

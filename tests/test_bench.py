@@ -80,3 +80,24 @@ def test_profiler_events_executor_ops_and_xla_launches_only():
                        "ThunkExecutor::Execute", "end: multiply_reduce_fusion.65", "multiply_reduce_fusion.65",
                        "EagerLocalExecute: __inference_train_step_14094", "KernelAndDeviceFunc::Run", "train_step"):
         assert step_kernels.classify(annotation) is None, annotation
+
+
+def test_speeds_conv_probes_together_are_the_models_training_convolutions():
+    # bench/speed.py's "convs s" times each of the model's conv shapes alone, as many times as the model has
+    # it: together they must be the step's convolutions (iaf_tf.flops' count), in the model's dtypes.
+    import speed
+    import tensorflow as tf
+
+    from iaf_tf.flops import training_flops_per_image
+    from tests.fixtures import ONE_BLOCK_PER_LEVEL, make_model, random_images, run_model, seed, tiny_config
+
+    batch = 2
+    model = make_model(tiny_config(ONE_BLOCK_PER_LEVEL, "mixed_precision=true"))
+    run_model(model, tf.constant(random_images(batch)), seed(0))
+    shapes = speed.model_convs(model, batch)
+    assert sum(shapes.values()) == len(model.named_convs())
+    assert {shape[0] for shape in shapes} == {"float32", "bfloat16"}  # the outer convs, the blocks'
+    assert sum(count for shape, count in shapes.items() if shape[-1]) == 2  # x_dec and the level's deconv
+    # Each probe runs its step once when made: a shape that did not fit its conv would fail here.
+    probes = [(speed.ConvProbe(*shape), count) for shape, count in shapes.items()]
+    assert sum(probe.flops * count for probe, count in probes) == batch * training_flops_per_image(model)
