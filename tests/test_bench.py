@@ -11,6 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import speed  # noqa: E402
 import step_kernels  # noqa: E402
 
 
@@ -85,7 +86,6 @@ def test_profiler_events_executor_ops_and_xla_launches_only():
 def test_speeds_conv_probes_together_are_the_models_training_convolutions():
     # bench/speed.py's "convs s" times each of the model's conv shapes alone, as many times as the model has
     # it: together they must be the step's convolutions (iaf_tf.flops' count), in the model's dtypes.
-    import speed
     import tensorflow as tf
 
     from iaf_tf.flops import training_flops_per_image
