@@ -140,28 +140,33 @@ def run():
         # absl's --help lists the main module's flags; ours are defined here, so make them its flags.
         for name in ["mode", "hpconfig", "preset"] + [s.name for s in config.SETTINGS.values() if s.flag]:
             flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-    except errors.Interrupted as e:  # while TensorFlow is being imported
+        app.run(_main_then_exit, flags_parser=_parse_flags)
+    except errors.Interrupted as e:  # before main(): importing TensorFlow, parsing flags, absl's init callbacks
         sys.exit(_interrupted(e))
 
-    def main_then_exit(argv):
-        code = main(argv, flags.FLAGS)
-        _exit_on_signals(code)
-        # Everything is written and closed: end here. Python's own teardown puts the default signal
-        # handlers back before TensorFlow's is done, and a SIGTERM then killed the process (exit -15)
-        # instead of ending it with the run's code.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
-    def parse_flags(argv):
-        """absl's parsing, with its errors (an unknown flag, --max_steps=abc, --mode=evaluate) as one
-        `error:` line and exit code 2 (absl's own ends with a FATAL line and exit code 1), and --help as 0."""
-        try:
-            return flags.FLAGS(argv)
-        except flags.Error as e:
-            print(f"error: {e}; see {os.path.basename(argv[0])} --helpfull", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        except SystemExit as e:  # --help and --helpfull: absl prints the flags, then exits 1, our code for a bug
-            sys.exit(0 if e.code == 1 else e.code)
+def _main_then_exit(argv):
+    from absl import flags
 
-    app.run(main_then_exit, flags_parser=parse_flags)
+    code = main(argv, flags.FLAGS)
+    _exit_on_signals(code)
+    # Everything is written and closed: end here. Python's own teardown puts the default signal
+    # handlers back before TensorFlow's is done, and a SIGTERM then killed the process (exit -15)
+    # instead of ending it with the run's code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _parse_flags(argv):
+    """absl's parsing, with its errors (an unknown flag, --max_steps=abc, --mode=evaluate) as one
+    `error:` line and exit code 2 (absl's own ends with a FATAL line and exit code 1), and --help as 0."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}; see {os.path.basename(argv[0])} --helpfull", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except SystemExit as e:  # --help and --helpfull: absl prints the flags, then exits 1, our code for a bug
+        sys.exit(0 if e.code == 1 else e.code)

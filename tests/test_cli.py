@@ -289,6 +289,25 @@ def test_sigint_and_sigterm_at_random_moments_end_cleanly(mode, tmp_path, cifar1
         assert _no_temporary_files(tmp_path) == []
 
 
+@pytest.mark.e2e
+def test_a_signal_after_the_flags_are_parsed_and_before_main_ends_the_run_with_its_one_line(tmp_path):
+    """absl runs its init callbacks (TensorFlow registers one) between parsing the flags and main(): a
+    signal there, which the random moments above can hit, ends the run like a signal anywhere else."""
+    logdir = tmp_path / "run"
+    script = ("import os, signal, sys\n"
+              "from absl import app\n"
+              "app.call_after_init(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              f"sys.argv = ['iaf.py', '--mode', 'eval_test', '--logdir', {str(logdir)!r}]\n"
+              "from iaf_tf import cli\n"
+              "cli.run()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=cli_env(),
+                          timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert error_lines(done.stderr) == ["error: stopped by SIGTERM before the run finished; nothing half-written "
+                                        "is left"], done.stderr[-3000:]
+    assert not logdir.exists()
+
+
 # ---------------------------------------------------------------- README's Python examples, as written
 
 def _readme_python_blocks():
