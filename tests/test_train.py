@@ -96,7 +96,8 @@ def test_loss_fn_reports_mnist_in_nats_per_image():
                                                                (0.5, False, "on"), (0.5, True, "auto")])
 @pytest.mark.slow
 def test_two_replicas_apply_the_average_of_per_replica_gradients(kl_min, jit_compile, xla_programs, cifar10_dir):
-    cfg = tiny_config(num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile, xla_programs=xla_programs)
+    cfg = tiny_config(ONE_BLOCK, num_gpus=2, kl_min=kl_min, seed=3, jit_compile=jit_compile,
+                      xla_programs=xla_programs)
     strategy = distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
     trainer = train.Trainer(cfg, strategy)
     images = data.load_cifar10("test", cifar10_dir)[:8]
@@ -146,7 +147,7 @@ def test_two_replica_trainers_of_different_shapes_in_one_process_both_step():
     # Each strategy's all-reduces have keys of their own (distribute.mirrored_strategy); with shared keys
     # the second model's first all-reduce failed with "Shape mismatch in the collective instance".
     images = random_images(8)
-    for hpconfig in (ONE_BLOCK_PER_LEVEL, ONE_BLOCK_PER_LEVEL.replace("h_size=8", "h_size=12")):
+    for hpconfig in (ONE_BLOCK, ONE_BLOCK.replace("h_size=8", "h_size=12")):
         trainer = train.Trainer(tiny_config(hpconfig, num_gpus=2, cpu_replicas=2))
         assert trainer.num_replicas == 2
         trainer.initialize(images)
