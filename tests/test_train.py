@@ -21,7 +21,7 @@ from iaf_tf.files import RunLock
 from iaf_tf.likelihood import Evaluator
 from iaf_tf.model import CVAE
 from iaf_tf.train import free_bits_kl
-from tests.fixtures import (ONE_BLOCK, ONE_BLOCK_PER_LEVEL, POSTERIORS, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
+from tests.fixtures import (ONE_BLOCK, POSTERIORS, TWO_BLOCKS_PER_LEVEL, cli_env, cli_flags,
                             error_lines, grey_images, latest_step, random_images, read_events, read_expected,
                             run_cli, run_main, run_model, scalar_series, seed, snapshot, start_cli, tiny_config,
                             train_args)
@@ -506,7 +506,7 @@ def test_sigkill_at_any_moment_never_leaves_an_unreadable_checkpoint(tmp_path, c
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_sigkill_then_resume_keeps_step_slots_and_averages(tmp_path, cifar10_dir):
-    args = ["--mode", "train", "--hpconfig", ONE_BLOCK_PER_LEVEL, "--num_gpus", "1", "--logdir", tmp_path,
+    args = ["--mode", "train", "--hpconfig", ONE_BLOCK, "--num_gpus", "1", "--logdir", tmp_path,
             "--checkpoint_every", "5", "--data_dir", cifar10_dir, "--seed", "2"]
     proc = start_cli(args, output=subprocess.DEVNULL)
     try:
@@ -524,7 +524,7 @@ def test_sigkill_then_resume_keeps_step_slots_and_averages(tmp_path, cifar10_dir
     assert saved_step >= 10 and latest.endswith(f"ckpt-{saved_step}")
 
     # The checkpoint restores into a fresh trainer with every slot and average intact.
-    trainer = train.Trainer(tiny_config(seed=2), tf.distribute.get_strategy())
+    trainer = train.Trainer(tiny_config(ONE_BLOCK, seed=2), tf.distribute.get_strategy())
     checkpoints.restore(trainer.state, latest)  # every variable, or it raises
     assert int(trainer.state.step.numpy()) == saved_step
     keys = reader.get_variable_to_shape_map()
