@@ -186,8 +186,8 @@ def test_bits_per_dim_matches_original_with_xla(result, evaluated):
 
 @pytest.mark.slow
 def test_importance_sampling_tightens_with_k(evaluated):
-    # The first 200 test images at k = 1, 10 and 100, from the sums the published cases above computed on
-    # this worker (each matches the original's number there: [ema-k1-first200], [ema-k100-first200]).
+    # The first 200 test images at k = 1, 10 and 100: the evaluations the published cases above share (made
+    # here if they ran on the other worker). k=1 and k=100 match the original's numbers there.
     bits = [evaluated("ema", 200, k) for k in (1, 10, 100)]
     assert bits[0] > bits[1] > bits[2], bits
 
