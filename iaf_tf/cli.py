@@ -4,6 +4,7 @@ as a documented exit code with at most one `error:` line (README, "Exit codes").
 import os
 import signal
 import sys
+import threading
 import traceback
 
 from iaf_tf import errors  # no TensorFlow here: its log level is set in run() before it is imported
@@ -74,6 +75,31 @@ def _raise_on_signals():
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, interrupt)
+    _deliver_swallowed_signals_again()
+
+
+def _deliver_swallowed_signals_again():
+    """A handler's exception raised inside a weakref callback or __del__ cannot propagate: Python hands it
+    to sys.unraisablehook and goes on, and the signal would be lost. Send it again from a helper thread a
+    moment later, by which time this hook has returned and it lands in ordinary code (or here again)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        swallowed = unraisable.exc_value
+        while True:
+            try:  # a signal can land in this hook too: catch it here, or it would be swallowed as well
+                if isinstance(swallowed, errors.Interrupted):
+                    resend = threading.Timer(0.01, signal.pthread_kill,
+                                             (threading.main_thread().ident, swallowed.signum))
+                    resend.daemon = True
+                    resend.start()
+                else:
+                    previous(unraisable)
+                return
+            except errors.Interrupted as e:
+                swallowed = e
+
+    sys.unraisablehook = hook
 
 
 def _exit_on_signals(code):

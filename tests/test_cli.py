@@ -308,6 +308,31 @@ def test_a_signal_after_the_flags_are_parsed_and_before_main_ends_the_run_with_i
     assert not logdir.exists()
 
 
+@pytest.mark.e2e
+def test_a_signal_inside_a_finalizer_is_delivered_again_and_ends_the_run_with_its_one_line(tmp_path):
+    """Python swallows an exception raised in a weakref callback or __del__ (it only prints "Exception
+    ignored in ..."), so a signal landing there used to be lost and the run went on. Here one lands in a
+    finalizer during absl's init callbacks, and the next seconds are spent in ordinary code."""
+    logdir = tmp_path / "run"
+    script = ("import os, signal, sys, time, weakref\n"
+              "from absl import app\n"
+              "class Resource: pass\n"
+              "def signal_while_finalizing():\n"
+              "    weakref.finalize(Resource(), os.kill, os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(30)\n"
+              "app.call_after_init(signal_while_finalizing)\n"
+              f"sys.argv = ['iaf.py', '--mode', 'eval_test', '--logdir', {str(logdir)!r}]\n"
+              "from iaf_tf import cli\n"
+              "cli.run()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=cli_env(),
+                          timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    assert error_lines(done.stderr) == ["error: stopped by SIGTERM before the run finished; nothing half-written "
+                                        "is left"], done.stderr[-3000:]
+    assert not logdir.exists()
+
+
 # ---------------------------------------------------------------- README's Python examples, as written
 
 def _readme_python_blocks():
