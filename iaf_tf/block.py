@@ -164,6 +164,26 @@ class IAFBlock(keras.layers.Layer):
             x = resize_nearest(x, 2)
         return self.down_conv2(hidden, init=init, residual=x, gain=RESIDUAL_SCALE), kl_map, posterior
 
+    @_in_own_scope
+    def build_up(self, input_shape):
+        """Create the variables of `up` for an input of `input_shape`, in the order its first call would
+        (so with the same initial values under a seed), without running it; returns its output shape."""
+        self.up_conv1.build(input_shape)
+        grid = self.up_conv1.compute_output_shape(input_shape)[:3]
+        if self.bottom_up and self.flow != "diag":
+            self.ar.build((*grid, self.z_size))
+        self.up_conv3.build((*grid, self.h_size + (self.z_size if self.bottom_up else 0)))
+        return (*grid, self.h_size)
+
+    @_in_own_scope
+    def build_down(self, input_shape):
+        """`build_up` for `down`."""
+        self.down_conv1.build(input_shape)
+        if not self.bottom_up and self.flow != "diag":
+            self.ar.build((*input_shape[:3], self.z_size))
+        self.down_conv2.build((*input_shape[:3], self.z_size + self.h_size))
+        return self.down_conv2.compute_output_shape(input_shape)
+
     def named_convs(self):
         convs = {c.name: c for c in (self.up_conv1, self.up_conv3, self.down_conv1, self.down_conv2)}
         if self.flow != "diag":

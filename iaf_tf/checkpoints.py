@@ -29,7 +29,8 @@ class TrainState:
         self.config = config
         self.spec = datasets.get(config.data.dataset)
         keras.utils.set_random_seed(config.runtime.seed)  # the initial directions V
-        self.model = CVAE(config, self.spec).build_for(1)
+        self.model = CVAE(config, self.spec)
+        self.model.build()
         self.variables = list(self.model.trainable_variables)
         self.optimizer = None
         if with_optimizer:

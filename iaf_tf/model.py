@@ -78,8 +78,18 @@ class CVAE(keras.Model):
         return self.spec.score(nll, self.image_size, per_image)
 
     def build(self, input_shape=None):
-        # Variables are created by the first call (see build_for); nothing to do from a shape alone.
-        self.built = True
+        """Create every variable from the configuration's shapes (whatever `input_shape` says) without running
+        a call, in the order a first call uses them, so with the same initial values under a seed. Keras 3
+        restores only into built models."""
+        shape = (None, self.image_size, self.image_size, self.channels)
+        self.x_enc.build(shape)
+        shape = self.x_enc.compute_output_shape(shape)
+        for block in self.blocks:
+            shape = block.build_up(shape)
+        shape = (None, self.top_size, self.top_size, self.model_config.h_size)
+        for block in reversed(self.blocks):
+            shape = block.build_down(shape)
+        self.x_dec.build(shape)
 
     def get_config(self):
         # The whole config in the --hpconfig syntax; the spec is found again by the dataset's name.
@@ -95,10 +105,10 @@ class CVAE(keras.Model):
         return cls(settings, datasets.get(settings.data.dataset), **config)
 
     def get_build_config(self):
-        return {"batch_size": 1}  # non-empty, or Keras would not build the model before loading weights
+        return {"input_shape": None}  # non-empty, or Keras would not build the model before loading weights
 
     def build_from_config(self, config):
-        self.build_for(config["batch_size"])
+        self.build()
 
     def _noise(self, seed, index, shape, temperature=1.0):
         # The same noise with and without XLA (see distributions.stateless_normal).
@@ -207,12 +217,6 @@ class CVAE(keras.Model):
             noise = self._noise(seed, index, self._z_shape(num_images, index), temperature)
             h, _, _ = self._run_block(block, "down", h, None, noise, sample_prior=True)
         return self._decode(h)[0]
-
-    def build_for(self, batch_size=1):
-        """Create every variable (Keras 3 can only restore into built models)."""
-        images = tf.zeros([batch_size, self.image_size, self.image_size, self.channels], tf.uint8)
-        self(images, tf.constant([0, 0], tf.int32))
-        return self
 
     def named_convs(self):
         """Every weight-normed conv under the original's variable-scope name."""

@@ -66,6 +66,13 @@ def make_model(cfg, **kwargs):
     return CVAE(cfg, datasets.get(cfg.data.dataset), **kwargs)
 
 
+def built_model(cfg):
+    """A CVAE of cfg for its dataset with its variables made (see CVAE.build)."""
+    model = make_model(cfg)
+    model.build()
+    return model
+
+
 def seed(a, b=0):
     """A noise seed for the model's stateless RNG ops."""
     return tf.constant([a, b], tf.int32)

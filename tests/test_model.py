@@ -19,9 +19,10 @@ from iaf_tf import distributions as dist
 from iaf_tf.checkpoints import named_variables
 from iaf_tf.config import Config, load_preset
 from iaf_tf.block import IAF_SCALE, IAFBlock, resize_nearest
+from iaf_tf.layers import WNConv2D
 from iaf_tf.model import count_trainable_parameters, input_to_unit_range, to_uint8_images
 from tests.fixtures import (IAF_POSTERIORS, ONE_BLOCK_PER_LEVEL, POSTERIORS, ROOT, TWO_BLOCKS_PER_LEVEL, grey_images,
-                            make_model, random_images, raster_allowed, run_model, seed, tiny_config)
+                            built_model, make_model, random_images, raster_allowed, run_model, seed, tiny_config)
 
 
 def initialized_model(cfg, images=None):
@@ -89,13 +90,33 @@ def test_to_uint8_images_inverts_input_to_unit_range():
 
 
 def test_parameter_count_tf1_small():
-    model = make_model(load_preset("tf1_small")).build_for(1)
+    model = built_model(load_preset("tf1_small"))
     assert count_trainable_parameters(model) == 357_671
 
 
 def test_parameter_count_readme_recipe():
-    model = make_model(load_preset("readme_recipe")).build_for(1)
+    model = built_model(load_preset("readme_recipe"))
     assert count_trainable_parameters(model) == 41_557_927
+
+
+@pytest.mark.parametrize("posterior", ["down_iaf2_nl", "up_iaf2_nl", "down_diag"])
+def test_build_makes_every_variable_a_call_uses_in_the_order_a_call_uses_them(posterior, monkeypatch):
+    """CVAE.build makes the variables from shapes alone; a first call would have made them in the order it
+    uses them, which (with Keras' seeded initializers) decides each V's initial values under a seed."""
+    built, used = [], []
+    build, call = WNConv2D.build, WNConv2D.call
+    # Keras wraps each layer's build when the layer is made: patch the class first.
+    monkeypatch.setattr(WNConv2D, "build", lambda self, shape: (built.append(self), build(self, shape))[1])
+    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL, f"posterior={posterior}"))
+    model.build()
+    variables = [v.path for v in model.variables]
+    monkeypatch.setattr(WNConv2D, "call", lambda self, *a, **kw: (used.append(self), call(self, *a, **kw))[1])
+    run_model(model, random_images(2), seed(0))
+    assert [v.path for v in model.variables] == variables  # the call made none
+    names = {id(conv): name for name, conv in model.named_convs().items()}
+    built, used = [names[id(c)] for c in built], [names[id(c)] for c in used]
+    assert sorted(built) == sorted(names.values())
+    assert built == used
 
 
 # ---------------------------------------------------------------- call contract
@@ -188,7 +209,7 @@ def test_sample_temperature_zero_ignores_seed(tiny_model):
 
 def test_initialize_on_real_data(cifar10_dir):
     images = data.load_cifar10("test", cifar10_dir)[:8]
-    model = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1)
+    model = built_model(tiny_config(TWO_BLOCKS_PER_LEVEL))
     v_before = model.x_enc.V.numpy().copy()
     assert np.all(model.x_enc.g.numpy() == 0)
     model.initialize(images, seed(0))
@@ -306,7 +327,7 @@ def test_unequal_levels_build_run_and_sample(depths, sizes):
 
 @pytest.mark.slow
 def test_table3_preset_has_twenty_layers_at_16_and_8():
-    model = make_model(load_preset("table3")).build_for(1)
+    model = built_model(load_preset("table3"))
     assert len(model.blocks) == 20
     assert z_resolutions(model) == [16] * 10 + [8] * 10
     # Arranging the 20 blocks in two levels changes strides, not weight shapes: the same count as the
@@ -315,7 +336,7 @@ def test_table3_preset_has_twenty_layers_at_16_and_8():
 
 
 def test_theano_example_preset_has_three_levels():
-    model = make_model(load_preset("theano_example")).build_for(1)
+    model = built_model(load_preset("theano_example"))
     assert z_resolutions(model) == [16, 16, 8, 8, 4, 4]
 
 
@@ -342,7 +363,7 @@ def test_posteriors_build_and_run(posterior):
 @pytest.mark.parametrize("depth_ar", [0, 1, 2])
 def test_layer_shapes_of_each_posterior(posterior, depth_ar):
     h, z = 8, 4
-    model = make_model(tiny_config(ONE_BLOCK_PER_LEVEL, f"posterior={posterior},depth_ar={depth_ar}")).build_for(1)
+    model = built_model(tiny_config(ONE_BLOCK_PER_LEVEL, f"posterior={posterior},depth_ar={depth_ar}"))
     where, flow = posterior.split("_", 1)
     has_context = flow != "diag" and depth_ar > 0
     assert [b.name for b in model.blocks] == ["IAF_0_0", "IAF_1_0"]
@@ -369,7 +390,7 @@ def test_layer_shapes_of_each_posterior(posterior, depth_ar):
 
 def test_default_posterior_matches_tf1_layout():
     # The original's CVAE1: up_conv1 -> [qz_mean, qz_logsd, up_context, h], down_conv1 -> 4 z + 2 h.
-    convs = make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1).named_convs()
+    convs = built_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).named_convs()
     assert convs["IAF_0_1/up_conv1"].V.shape == (3, 3, 16, 2 * 4 + 2 * 16)
     assert convs["IAF_0_1/down_conv1"].V.shape == (3, 3, 16, 4 * 4 + 2 * 16)
     assert convs["IAF_1_0/down_deconv2"].V.shape == (3, 3, 16, 4 + 16)
@@ -379,8 +400,8 @@ def test_default_posterior_matches_tf1_layout():
 
 
 def test_diag_posterior_has_fewer_parameters():
-    diag = count_trainable_parameters(make_model(tiny_config(TWO_BLOCKS_PER_LEVEL, "posterior=down_diag")).build_for(1))
-    iaf = count_trainable_parameters(make_model(tiny_config(TWO_BLOCKS_PER_LEVEL)).build_for(1))
+    diag = count_trainable_parameters(built_model(tiny_config(TWO_BLOCKS_PER_LEVEL, "posterior=down_diag")))
+    iaf = count_trainable_parameters(built_model(tiny_config(TWO_BLOCKS_PER_LEVEL)))
     assert diag < iaf
 
 
