@@ -289,38 +289,29 @@ def test_sigint_and_sigterm_at_random_moments_end_cleanly(mode, tmp_path, cifar1
         assert _no_temporary_files(tmp_path) == []
 
 
+# What an init callback of absl's runs to send its own process a SIGTERM.
+_SEND_SIGTERM = {
+    "from_an_init_callback": "def send():\n"
+                             "    os.kill(os.getpid(), signal.SIGTERM)\n",
+    "from_a_finalizer": "class Resource: pass\n"
+                        "def send():\n"
+                        "    weakref.finalize(Resource(), os.kill, os.getpid(), signal.SIGTERM)\n"
+                        "    time.sleep(30)\n",
+}
+
+
 @pytest.mark.e2e
-def test_a_signal_after_the_flags_are_parsed_and_before_main_ends_the_run_with_its_one_line(tmp_path):
+@pytest.mark.parametrize("where", sorted(_SEND_SIGTERM))
+def test_a_signal_after_the_flags_are_parsed_and_before_main_ends_the_run_with_its_one_line(where, tmp_path):
     """absl runs its init callbacks (TensorFlow registers one) between parsing the flags and main(): a
-    signal there, which the random moments above can hit, ends the run like a signal anywhere else."""
-    logdir = tmp_path / "run"
-    script = ("import os, signal, sys\n"
-              "from absl import app\n"
-              "app.call_after_init(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
-              f"sys.argv = ['iaf.py', '--mode', 'eval_test', '--logdir', {str(logdir)!r}]\n"
-              "from iaf_tf import cli\n"
-              "cli.run()\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=cli_env(),
-                          timeout=300)
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
-    assert error_lines(done.stderr) == ["error: stopped by SIGTERM before the run finished; nothing half-written "
-                                        "is left"], done.stderr[-3000:]
-    assert not logdir.exists()
-
-
-@pytest.mark.e2e
-def test_a_signal_inside_a_finalizer_is_delivered_again_and_ends_the_run_with_its_one_line(tmp_path):
-    """Python swallows an exception raised in a weakref callback or __del__ (it only prints "Exception
-    ignored in ..."), so a signal landing there used to be lost and the run went on. Here one lands in a
-    finalizer during absl's init callbacks, and the next seconds are spent in ordinary code."""
+    signal there, which the random moments above can hit, ends the run like a signal anywhere else. So does
+    one that lands in a finalizer (a weakref callback or __del__), where Python swallows the handler's
+    exception, printing "Exception ignored in ...", and the signal would be lost while the run went on."""
     logdir = tmp_path / "run"
     script = ("import os, signal, sys, time, weakref\n"
               "from absl import app\n"
-              "class Resource: pass\n"
-              "def signal_while_finalizing():\n"
-              "    weakref.finalize(Resource(), os.kill, os.getpid(), signal.SIGTERM)\n"
-              "    time.sleep(30)\n"
-              "app.call_after_init(signal_while_finalizing)\n"
+              f"{_SEND_SIGTERM[where]}"
+              "app.call_after_init(send)\n"
               f"sys.argv = ['iaf.py', '--mode', 'eval_test', '--logdir', {str(logdir)!r}]\n"
               "from iaf_tf import cli\n"
               "cli.run()\n")
