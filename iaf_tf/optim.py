@@ -62,9 +62,22 @@ def adamax_update(gradients, variables, first_moments, running_maxes, lr, beta_1
     of the state per step). Without XLA each element-wise op is a pass over the weights, so there are as
     few as the rule allows.
     """
-    lr = when_applied(applied, tf.cast(lr, tf.float32), 0.0)
-    keep_first, mix_first = when_applied(applied, beta_1, 1.0), when_applied(applied, 1.0 - beta_1, 0.0)
-    keep_max, floor = when_applied(applied, beta_2, 1.0), when_applied(applied, epsilon, 0.0)
+    apply_adamax(gradients, variables, first_moments, running_maxes,
+                 adamax_coefficients(lr, beta_1, beta_2, epsilon, applied), applied)
+
+
+def adamax_coefficients(lr, beta_1, beta_2, epsilon, applied=True):
+    """The update's scalars (lr, first moment's decay and mix, running max's decay and floor), where `applied`
+    is False those that keep every value: selected once a step, not once per variable (each select is an op,
+    a kernel launch on a GPU)."""
+    return (when_applied(applied, tf.cast(lr, tf.float32), 0.0), when_applied(applied, beta_1, 1.0),
+            when_applied(applied, 1.0 - beta_1, 0.0), when_applied(applied, beta_2, 1.0),
+            when_applied(applied, epsilon, 0.0))
+
+
+def apply_adamax(gradients, variables, first_moments, running_maxes, coefficients, applied=True):
+    """adamax_update with its scalars from adamax_coefficients."""
+    lr, keep_first, mix_first, keep_max, floor = coefficients
     for gradient, variable, first_moment, running_max in zip(gradients, variables, first_moments, running_maxes):
         gradient = tf.cast(gradient, variable.dtype)
         if applied is not True:

@@ -107,8 +107,9 @@ class Trainer:
         usable = usable_update(objective, norm, opt.skip_threshold)
         if opt.grad_clip > 0:
             grads, _ = tf.clip_by_global_norm(grads, opt.grad_clip, use_norm=norm)
-        settings = (usable, learning_rate, 1.0 - self.state.averages.decay, adamax.beta_1, adamax.beta_2,
-                    adamax.epsilon)
+        # The step's scalars, selected once here for every variable.
+        settings = (usable, optim.when_applied(usable, 1.0 - self.state.averages.decay, 0.0),
+                    optim.adamax_coefficients(learning_rate, adamax.beta_1, adamax.beta_2, adamax.epsilon, usable))
         if programs.inside_xla():  # one program, which XLA fuses across variables
             _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, *settings)
         else:
@@ -189,10 +190,11 @@ class Trainer:
             self.state.averages.reset()
 
 
-def _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, usable, learning_rate,
-                         average_rate, beta_1, beta_2, epsilon):
-    ema.move_towards(shadows, weights, average_rate, usable)
-    optim.adamax_update(grads, weights, first_moments, running_maxes, learning_rate, beta_1, beta_2, epsilon, usable)
+def _average_then_adamax(grads, weights, first_moments, running_maxes, shadows, usable, average_rate,
+                         adamax_coefficients):
+    """The averages and Adamax, with rates already selected by `usable` (0 and no-op rates when it is False)."""
+    ema.move_towards(shadows, weights, average_rate)
+    optim.apply_adamax(grads, weights, first_moments, running_maxes, adamax_coefficients, usable)
 
 
 # One variable's update as a function that is traced once per variable shape and called for every variable

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from iaf_tf import checkpoints, config, data, datasets, distribute, run_record, train
+from iaf_tf import checkpoints, config, data, datasets, distribute, optim, run_record, train
 from iaf_tf.config import Config, load_preset
 from iaf_tf.errors import CheckpointError, NonFiniteError
 from iaf_tf.files import RunLock
@@ -688,6 +688,19 @@ def test_xla_programs_are_for_gpus_unless_set():
         assert trainer._update._jit_compile is expected
     assert train.Trainer(tiny_config(jit_compile=True), tf.distribute.get_strategy())._update._jit_compile
 
+
+
+def test_the_update_called_for_each_variable_selects_only_the_gradient():
+    """Without XLA the update is a function called once per variable: the skip test's scalar selects (the
+    learning rate, the decays, epsilon, the averages' rate) are made once a step, outside it; inside, only
+    the gradient (NaN in a skipped step) is selected."""
+    weights, first, running_max, shadow = (tf.Variable(tf.zeros([3])) for _ in range(4))
+    usable = tf.constant(True)
+    scalars = (optim.when_applied(usable, 0.001, 0.0), optim.adamax_coefficients(0.002, 0.9, 0.999, 1e-8, usable))
+    function = train._update_variable.get_concrete_function([tf.ones([3])], [weights], [first], [running_max],
+                                                            [shadow], usable, *scalars)
+    ops = [op.type for op in function.graph.get_operations()]
+    assert ops.count("SelectV2") == 1, ops
 
 # ---------------------------------------------------------------- checkpoints you can trust
 
