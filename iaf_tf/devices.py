@@ -5,6 +5,8 @@ import ctypes.util
 import os
 
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+from tensorflow.python.eager import context
 
 from iaf_tf.errors import ConfigError
 
@@ -36,14 +38,39 @@ def use_system_allocator():
     limit_malloc_arenas()
 
 
+def skip_idle_graph_passes():
+    """Leave out the graph optimizer (Grappler) passes that change none of this package's graphs but still run
+    on every traced function at its first call: the MLIR round trip (`tfg_optimizer`) everywhere, and where
+    no GPU is visible the layout and memory optimizers (layouts and host swapping are for GPUs). They are a
+    large part of Grappler's time at a first step (BUILD.md, "Time to the first step").
+
+    TensorFlow has no public setting for the first two, so they go into the eager context's base ConfigProto,
+    which each function call copies its options from; `tf.config.optimizer.set_experimental_options` still
+    overrides the layout optimizer. Call it before tracing: calls traced earlier keep their options.
+    """
+    ctx = context.context()
+    base = config_pb2.ConfigProto()
+    if ctx._config is not None:
+        base.CopyFrom(ctx._config)
+    rewrite = base.graph_options.rewrite_options
+    rewrite.disable_tfg_optimizer = True
+    if not tf.config.list_physical_devices("GPU"):
+        rewrite.layout_optimizer = rewriter_config_pb2.RewriterConfig.OFF
+        rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+    ctx._config = base
+    ctx._thread_local_data.function_call_options = None  # this thread's options are remade from the new base
+
+
 def configure_cpu(num_logical_devices=1, intra_op_threads=0, inter_op_threads=0):
     """Split the host CPU into `num_logical_devices` logical devices (replicas for MirroredStrategy on a
     machine without GPUs; they share the same cores, so this tests distribution, it does not speed up).
 
     Idempotent: once TensorFlow is initialized a matching configuration is accepted, a different one
-    raises RuntimeError. Also sets up host memory allocation (see `use_system_allocator`).
+    raises RuntimeError. Also sets up host memory allocation (see `use_system_allocator`) and leaves out
+    idle graph passes (`skip_idle_graph_passes`).
     """
     use_system_allocator()
+    skip_idle_graph_passes()
     cpus = tf.config.list_physical_devices("CPU")
     wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(num_logical_devices)]
     try:

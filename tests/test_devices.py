@@ -4,10 +4,12 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
 from iaf_tf import devices, distribute
 from iaf_tf.devices import configure_cpu, replica_devices
@@ -153,3 +155,64 @@ def test_configure_cpu_makes_tensorflow_allocate_with_malloc():
     assert int(_run(_ALLOCATOR_STATS.format(root=root))[-1]) == 0
     # An explicit setting wins, and shows that the check can tell the two apart.
     assert int(_run(_ALLOCATOR_STATS.format(root=root), TF_ONEDNN_USE_SYSTEM_ALLOCATOR="false")[-1]) >= 4_000_000
+
+
+def _call_options(fn, *args):
+    """The ConfigProto of each function call in fn's traced graph: the options Grappler optimizes it with."""
+    graph = fn.get_concrete_function(*args).graph
+    return [config_pb2.ConfigProto.FromString(op.get_attr("config_proto")) for op in graph.get_operations()
+            if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+
+
+def test_function_calls_leave_out_the_idle_graph_passes_in_replica_threads_too(initialized, no_gpu):
+    strategy = distribute.mirrored_strategy([d.name for d in initialized])
+    inner = tf.function(lambda x: tf.nn.elu(x * 2.0))
+    threads = set()
+
+    def replica(x):
+        threads.add(threading.current_thread())
+        return inner(x)
+
+    @tf.function
+    def outer(x):
+        return strategy.run(replica, (x,))
+
+    options = _call_options(outer, tf.constant([1.0, -1.0]))
+    assert len(options) == 2 and len(threads) == 2  # each replica traced its call in a thread of its own
+    for option in options:
+        rewrite = option.graph_options.rewrite_options
+        assert rewrite.disable_tfg_optimizer
+        assert rewrite.layout_optimizer == rewriter_config_pb2.RewriterConfig.OFF
+        assert rewrite.memory_optimization == rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+
+
+_GRAPH_PASSES = r"""
+import sys
+sys.path.insert(0, {root!r})
+import tensorflow as tf
+from iaf_tf import devices
+
+def step(x):
+    return tf.reduce_sum(tf.nn.elu(x * 2.0 + 1.0) / (tf.abs(x) + 1.0))
+
+tf.function(step)(tf.ones([8, 8]))
+devices.skip_idle_graph_passes()
+tf.function(step)(tf.ones([8, 8]))
+"""
+
+
+@pytest.mark.e2e
+def test_grappler_runs_without_the_idle_passes_once_they_are_left_out(no_gpu):
+    root = str(Path(__file__).resolve().parents[1])
+    log = subprocess.run([sys.executable, "-c", _GRAPH_PASSES.format(root=root)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0",
+                                          "TF_CPP_VMODULE": "meta_optimizer=1"}).stderr
+    # Grappler logs "Starting optimization for grappler item: <function>", then a line per pass it ran.
+    items = log.split("Starting optimization for grappler item:")[1:]
+    assert len(items) == 2, log
+    before, after = ({line.split("] ", 1)[1].split(":")[0].split("{")[0] for line in item.splitlines()
+                      if "Graph size after" in line} for item in items)
+    idle = {"tfg_optimizer", "layout", "memory_optimizer"}
+    assert idle <= before
+    assert not idle & after
+    assert "remapper" in after and "constant_folding" in after  # the passes that change graphs still run
