@@ -141,14 +141,15 @@ class CVAE(keras.Model):
         The blocks of a model differ only in their weights (and whether they downsample), so a block's pass
         is traced once, as a function of its weights, and every block of its kind calls it with its own:
         the README recipe's 20 blocks cost one block's tracing, Grappler and executor set-up instead of 20
-        (BUILD.md, "Time to the first step"). `_noinline` keeps them calls. Eagerly (building, the data-dependent init) and in XLA programs each block runs
-        as itself.
+        (BUILD.md, "Time to the first step"). `_noinline` keeps them calls. Eagerly (building, the
+        data-dependent init), in XLA programs and when it is the only block of its kind, a block runs as itself.
         """
         built = all(conv.built for conv in block.named_convs().values())
         # The top block's up pass is its own: its output is dropped, so its last conv gets no gradient (as
         # in TF1), where a program's gradient would give it zeros.
         top_up = block is self.blocks[-1] and method == "up"
-        if tf.executing_eagerly() or kwargs.get("init") or not built or top_up or programs.inside_xla():
+        if (tf.executing_eagerly() or kwargs.get("init") or not built or top_up or programs.inside_xla()
+                or self._blocks_of_kind(method, block.downsample) < 2):
             return getattr(block, method)(*args, **kwargs)
         key = (method, block.downsample, tuple(sorted(kwargs.items())), programs.enabled_now())
         program = self._block_programs.value.get(key)
@@ -159,6 +160,12 @@ class CVAE(keras.Model):
             program = tf.function(run, autograph=False, experimental_attributes={"_noinline": True})
             self._block_programs.value[key] = program
         return program(block.weight_tensors(), *args)
+
+    def _blocks_of_kind(self, method, downsample):
+        """How many blocks would call the program of this kind. A program's call, its gradient functions and
+        their separate optimization pay for themselves only when blocks share them."""
+        blocks = self.blocks if method == "down" else self.blocks[:-1]  # the top block's up pass is its own
+        return sum(block.downsample == downsample for block in blocks)
 
     def call(self, images, seed, k=1, init=False):
         """uint8 images [n, H, W, C] -> {"mean": decoder means [n*k, H, W, C], "log_pxz": [n*k],
