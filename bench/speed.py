@@ -10,6 +10,8 @@ Usage:
   python bench/speed.py --configs imagenet64 --precisions float32 --only train --steps 2   # random images
   python bench/speed.py --configs cpu_quick --precisions float32 --only loop --steps_per_loop 20 --steps 60
   python bench/speed.py --only trace --trace_blocks 2          # tracing time only, quick
+  python bench/speed.py --configs readme_recipe --only train --steps 3 --rounds 3 --baseline /tmp/iaf-baseline
+                                                               # a noisy machine: 3 alternating rounds
 """
 
 import argparse
@@ -198,6 +200,29 @@ TRACE_COLUMNS = [Column("code", "code"), Column("blocks", "blocks", "d"), Column
                  Column("trace s", "trace_s", ".2f"), PEAK]
 
 
+def median_record(records):
+    """One record for the rounds of a case: the round with the median step (the lower one of an even
+    count), so that a row's figures stay one round's, with "rounds" (how many ran), each round's step
+    seconds and ratio in "step_s_rounds" and "ratio_rounds", "finite" only if every round's loss was, and
+    the first note given; the first error if no round ran."""
+    ran = [r for r in records if "error" not in r]
+    if not ran:
+        return records[0]
+    median = sorted(ran, key=lambda r: r["step_s"])[(len(ran) - 1) // 2]
+    return dict(median, rounds=len(ran), step_s_rounds=[r["step_s"] for r in ran],
+                ratio_rounds=[r.get("ratio") for r in ran], finite=all(r.get("finite", True) for r in ran),
+                note=next((r["note"] for r in ran if r.get("note")), ""))
+
+
+def per_round(rows):
+    """Each case's step seconds and ratio in every round, when there was more than one."""
+    def figures(values):
+        return ", ".join("-" if v is None else f"{v:.3f}" for v in values)
+
+    return [f"{r['code']} {r['config']} {r['variant']} by round: step s {figures(r['step_s_rounds'])}; "
+            f"ratio {figures(r['ratio_rounds'])}" for r in rows if r.get("rounds", 1) > 1]
+
+
 def comparisons(rows):
     """Each precision against float32 of the same checkout, and the current checkout against the baseline."""
     found = {(r["code"], r["config"], r["variant"]): r for r in rows if "error" not in r}
@@ -236,6 +261,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
     parser.add_argument("--steps_per_loop", type=int, default=1, help="--only loop: steps per call from the host")
     parser.add_argument("--trace_blocks", default="20,40", help="--only trace: README-recipe num_blocks")
+    parser.add_argument("--rounds", type=int, default=1, help="--only train,loop: run each case this many times, "
+                        "the checkouts alternating, and show the round with the median step")
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -251,29 +278,34 @@ def main():
             "--data_dir", args.data_dir] + ["--jit_compile"] * jit)
 
     def sweep(kind, variants, figures):
-        """`kind` for every config, (precision, jit) variant and checkout."""
-        for config in configs:
-            for precision, jit in variants:
-                for code, root in codes:
-                    name = precision + ("+xla" if jit else "")
-                    r = run(kind, root, config, precision, jit=jit)
-                    r.update(code=code, config=config, precision=precision, variant=name)
-                    if "error" not in r:
-                        figures(r)
-                    results[kind].append(r)
-                    print(f"  {kind} {code} {config} {name}: {r.get('step_s', r.get('error', 'done'))}",
-                          file=sys.stderr)
+        """`kind` for every config, (precision, jit) variant and checkout, --rounds times (the checkouts
+        alternating within a round); one row per case (median_record)."""
+        rounds = collections.defaultdict(list)
+        for round_index in range(args.rounds):
+            for config in configs:
+                for precision, jit in variants:
+                    for code, root in codes[::-1] if round_index % 2 else codes:
+                        name = precision + ("+xla" if jit else "")
+                        r = run(kind, root, config, precision, jit=jit)
+                        r.update(code=code, config=config, precision=precision, variant=name)
+                        if "error" not in r:
+                            figures(r)
+                        rounds[code, config, name].append(r)
+                        print(f"  {kind} {code} {config} {name}: {r.get('step_s', r.get('error', 'done'))}",
+                              file=sys.stderr)
+        results[kind] += [median_record(records) for records in rounds.values()]
 
     plain = [(p, False) for p in harness.listed(args.precisions)]
     if "train" in only:
         sweep("train", plain + [("float32", True)] * args.jit_compile, add_train_figures)
         harness.print_table(TRAIN_COLUMNS, results["train"], labels=3, title=(
-            "\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)"),
+            "\nTraining (median step after warm-up; conv = plain 3x3 conv fwd+bwd measured in the same process)"
+            + (f"; of {args.rounds} rounds, the one with the median step" if args.rounds > 1 else "")),
             notes=["ratio = model GFLOP/s / conv GFLOP/s of the same precision, same process.",
                    "convs s = the step's convolutions alone (each of the model's shapes, forward and both "
                    "backward passes); conv share = convs s / step s.",
                    "first step s = making the Trainer and its data-dependent init, tracing, and the first call."]
-            + comparisons(results["train"]) + precision_case(results["train"]))
+            + comparisons(results["train"]) + per_round(results["train"]) + precision_case(results["train"]))
     if "loop" in only:
         sweep("loop", plain, lambda r: r.update(images_per_s=ratio(r["batch_size"], r["step_s"])))
         harness.print_table(LOOP_COLUMNS, results["loop"], labels=3, title=(

@@ -1,5 +1,5 @@
 """The bench scripts' parts that need no timing: GPU check on a machine without GPUs, HLO kernel counting,
-profiler event classification."""
+profiler event classification, the medians of rounds."""
 
 import os
 import subprocess
@@ -81,6 +81,26 @@ def test_profiler_events_executor_ops_and_xla_launches_only():
                        "ThunkExecutor::Execute", "end: multiply_reduce_fusion.65", "multiply_reduce_fusion.65",
                        "EagerLocalExecute: __inference_train_step_14094", "KernelAndDeviceFunc::Run", "train_step"):
         assert step_kernels.classify(annotation) is None, annotation
+
+
+def test_speeds_rounds_show_the_round_with_the_median_step_and_every_round_in_a_note():
+    def record(step_s, ratio, finite=True):
+        return {"code": "current", "config": "c", "variant": "float32", "step_s": step_s, "ratio": ratio,
+                "images_per_s": 32 / step_s, "finite": finite, "note": "" if finite else "NON-FINITE LOSS"}
+
+    rounds = [record(2.0, 0.9), {"error": "exit 1: killed"}, record(9.0, 0.5, finite=False), record(3.0, 0.8),
+              record(4.0, 0.7)]
+    merged = speed.median_record(rounds)
+    assert merged["rounds"] == 4  # the failed round is left out
+    # The lower median of 2, 3, 4, 9 s: that round's figures, together.
+    assert (merged["step_s"], merged["ratio"], merged["images_per_s"]) == (3.0, 0.8, 32 / 3.0)
+    assert merged["finite"] is False and merged["note"] == "NON-FINITE LOSS"  # a bad round shows
+    assert merged["step_s_rounds"] == [2.0, 9.0, 3.0, 4.0] and merged["ratio_rounds"] == [0.9, 0.5, 0.8, 0.7]
+    assert speed.per_round([merged]) == [
+        "current c float32 by round: step s 2.000, 9.000, 3.000, 4.000; ratio 0.900, 0.500, 0.800, 0.700"]
+    assert speed.median_record([rounds[1]]) == rounds[1]  # no round ran: its error
+    single = speed.median_record(rounds[:1])
+    assert single["step_s"] == 2.0 and speed.per_round([single]) == []  # one round: no per-round note
 
 
 def test_speeds_conv_probes_together_are_the_models_training_convolutions():
