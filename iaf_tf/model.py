@@ -145,11 +145,8 @@ class CVAE(keras.Model):
         data-dependent init), in XLA programs and when it is the only block of its kind, a block runs as itself.
         """
         built = all(conv.built for conv in block.named_convs().values())
-        # The top block's up pass is its own: its output is dropped, so its last conv gets no gradient (as
-        # in TF1), where a program's gradient would give it zeros.
-        top_up = block is self.blocks[-1] and method == "up"
-        if (tf.executing_eagerly() or kwargs.get("init") or not built or top_up or programs.inside_xla()
-                or self._blocks_of_kind(method, block.downsample) < 2):
+        if (tf.executing_eagerly() or kwargs.get("init") or not built or programs.inside_xla()
+                or not self._shares_a_program(block, method)):
             return getattr(block, method)(*args, **kwargs)
         key = (method, block.downsample, tuple(sorted(kwargs.items())), programs.enabled_now())
         program = self._block_programs.value.get(key)
@@ -161,11 +158,14 @@ class CVAE(keras.Model):
             self._block_programs.value[key] = program
         return program(block.weight_tensors(), *args)
 
-    def _blocks_of_kind(self, method, downsample):
-        """How many blocks would call the program of this kind. A program's call, its gradient functions and
-        their separate optimization pay for themselves only when blocks share them."""
-        blocks = self.blocks if method == "down" else self.blocks[:-1]  # the top block's up pass is its own
-        return sum(block.downsample == downsample for block in blocks)
+    def _shares_a_program(self, block, method):
+        """Whether this pass of `block` calls its kind's program, traced: only when another block's pass
+        calls it too (a program's call, its gradient functions and their separate optimization pay for
+        themselves only when shared), and never for the top block's up pass, whose output is dropped, so
+        that its last conv gets no gradient (as in TF1), where a program's gradient would give it zeros."""
+        callers = self.blocks if method == "down" else self.blocks[:-1]
+        kind = [other for other in callers if other.downsample == block.downsample]
+        return len(kind) > 1 and any(other is block for other in kind)
 
     def call(self, images, seed, k=1, init=False):
         """uint8 images [n, H, W, C] -> {"mean": decoder means [n*k, H, W, C], "log_pxz": [n*k],
